@@ -1,0 +1,3 @@
+from agentbus.cli import app
+
+app()

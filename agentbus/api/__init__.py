@@ -1,0 +1,1 @@
+"""HTTP routers; each module is one part of the SPEC's HTTP contract."""

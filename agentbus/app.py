@@ -1,0 +1,64 @@
+"""The application factory: one FastAPI app over one store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from agentbus import __version__
+from agentbus.api import bus, errors, health
+from agentbus.api.limits import BodyLimit
+from agentbus.settings import Settings
+from agentbus.store import open_store
+
+log = logging.getLogger("agentbus")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = open_store(settings)
+        await store.start()
+        app.state.store = store
+        purger = asyncio.create_task(_purge_forever(store))
+        try:
+            yield
+        finally:
+            purger.cancel()
+            await store.close()
+
+    app = FastAPI(
+        title="agentbus",
+        version=__version__,
+        summary="Shared state bus with read-set validation, and a model broker, for teams of LLM agents.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.commit_signal = bus.CommitSignal()
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(bus.router)
+    if settings.sbus_compat:
+        from agentbus.api import sbus
+
+        app.include_router(sbus.router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+async def _purge_forever(store: object, every_s: float = 300.0) -> None:
+    purge = getattr(store, "purge", None)
+    if purge is None:
+        return
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await purge()
+        except Exception:
+            log.warning("purge of expired read sets failed", exc_info=True)

@@ -1,0 +1,1 @@
+"""Who is calling: principals and how a request is mapped to one."""

@@ -1,0 +1,103 @@
+"""Typed settings: ``AGENTBUS_*`` environment variables, optionally a YAML file.
+
+Precedence (highest first): explicit keyword arguments, environment, the YAML file named by
+``AGENTBUS_CONFIG``, defaults. Every limit a client can hit is a setting here, so the error
+message can name it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AGENTBUS_", extra="ignore")
+
+    store: str = Field(
+        "sqlite:///./agentbus.db",
+        description="Backend URL: sqlite:///path, postgresql://..., or redis://...",
+    )
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = Field(1, ge=1)
+    auto_migrate: bool = Field(True, description="Apply SQL migrations on `agentbus serve`.")
+
+    # Dev mode: without auth the caller names itself with X-Agent-Id.
+    default_tenant: str = "default"
+
+    # Delivery log bounds.
+    readset_ttl_s: float = Field(3600.0, gt=0, description="Age after which a read set is expired (410).")
+    readset_max_entries: int = Field(10_000, ge=1, description="Entries per session before overflow (410).")
+    readset_retention_s: float = Field(
+        7 * 86400.0, gt=0, description="Expired read sets are kept this long so commits still get 410."
+    )
+    idempotency_ttl_s: float = Field(86400.0, gt=0)
+
+    # Input limits.
+    max_value_bytes: int = Field(1_048_576, ge=1)
+    max_writes_per_commit: int = Field(256, ge=1)
+    max_reads_per_commit: int = Field(4096, ge=1)
+    max_key_length: int = Field(512, ge=1, le=4096)
+    max_body_bytes: int = Field(8 * 1_048_576, ge=1)
+    max_list_limit: int = Field(1000, ge=1)
+
+    # Storage tuning.
+    sqlite_synchronous: str = Field("FULL", description="SQLite PRAGMA synchronous: FULL or NORMAL.")
+    sqlite_busy_timeout_ms: int = 10_000
+    pool_size: int = Field(10, ge=1)
+    redis_prefix: str = "ab"
+
+    # S-Bus compatible routes (/shard, /commit, ...).
+    sbus_compat: bool = False
+
+    events_poll_s: float = Field(0.25, gt=0, description="How often SSE streams poll for commits.")
+
+    @field_validator("sqlite_synchronous")
+    @classmethod
+    def _sync_mode(cls, v: str) -> str:
+        if v.upper() not in {"FULL", "NORMAL", "EXTRA", "OFF"}:
+            raise ValueError("sqlite_synchronous must be FULL, NORMAL, EXTRA or OFF")
+        return v.upper()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config = os.environ.get("AGENTBUS_CONFIG")
+        if config:
+            path = Path(config)
+            if not path.is_file():
+                raise ValueError(f"AGENTBUS_CONFIG={config!r} does not name a readable file")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    def public(self) -> dict[str, Any]:
+        """Settings safe to show an operator (no credentials in URLs)."""
+        data = self.model_dump()
+        data["store"] = redact_url(self.store)
+        return data
+
+
+def redact_url(url: str) -> str:
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"

@@ -1,0 +1,21 @@
+"""Storage backends behind one interface; :func:`open_store` picks one by URL scheme."""
+
+from __future__ import annotations
+
+from agentbus.core.errors import BadRequest
+from agentbus.settings import Settings
+from agentbus.store.base import Store
+
+
+def open_store(settings: Settings, url: str | None = None) -> Store:
+    url = url or settings.store
+    scheme = url.split("://", 1)[0].split("+", 1)[0]
+    if scheme in ("sqlite", "postgresql", "postgres"):
+        from agentbus.store.sql import SQLStore
+
+        return SQLStore(settings, url)
+    if scheme in ("redis", "rediss"):
+        from agentbus.store.redis import RedisStore
+
+        return RedisStore(settings, url)
+    raise BadRequest(f"unsupported AGENTBUS_STORE scheme {scheme!r}: use sqlite://, postgresql:// or redis://")

@@ -1,0 +1,131 @@
+"""The storage interface every backend implements.
+
+A backend owns durability and atomicity, nothing else: which reads conflict is decided by
+:mod:`agentbus.core.validation`. The contract each method must keep is in its docstring.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from agentbus.core import validation as v
+from agentbus.core.model import (
+    CommitRecord,
+    CommitResult,
+    ConflictItem,
+    Epoch,
+    SessionRef,
+    Shard,
+    ShardMeta,
+    StoredOutcome,
+    WriteOp,
+)
+from agentbus.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRequest:
+    writes: tuple[WriteOp, ...]
+    explicit_reads: dict[str, int]
+    idempotency_key: str | None = None
+    fingerprint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommitOutcome:
+    """Either ``result`` (applied) or ``conflicts`` (nothing applied); ``replayed`` marks an
+    Idempotency-Key hit, whose ``stored`` outcome is returned verbatim."""
+
+    result: CommitResult | None = None
+    conflicts: list[ConflictItem] | None = None
+    stored: StoredOutcome | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    items: list[ShardMeta]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    key: str
+    version: int
+    value_json: str | None
+    deleted: bool
+    seq: int
+    updated_by: str
+    updated_at: float
+
+
+class Store(abc.ABC):
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def now(self) -> float:
+        return time.time()
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Open pools; called once per process."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release pools."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise :class:`BackendUnavailable` if the backend cannot serve."""
+
+    @abc.abstractmethod
+    async def read(self, ref: SessionRef, key: str) -> Shard | None:
+        """Return the head (None if never written or a tombstone) and record its version in
+        the session's epoch, keeping the first version recorded for that key."""
+
+    @abc.abstractmethod
+    async def list(self, ref: SessionRef, prefix: str, start_after: str | None, limit: int) -> Listing:
+        """List live shards under ``prefix`` after ``start_after`` and record the range read."""
+
+    @abc.abstractmethod
+    async def commit(self, ref: SessionRef, req: CommitRequest) -> CommitOutcome:
+        """Atomically: replay an idempotent outcome, or check the epoch, validate guards and
+        apply all writes or none; end the epoch either way; store the idempotent outcome."""
+
+    @abc.abstractmethod
+    async def get_epoch(self, ref: SessionRef) -> Epoch | None:
+        """The session's current read set, for display."""
+
+    @abc.abstractmethod
+    async def clear_epoch(self, ref: SessionRef) -> None: ...
+
+    @abc.abstractmethod
+    async def space_exists(self, tenant: str, space: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def history(
+        self, tenant: str, space: str, key: str, before_version: int | None, limit: int
+    ) -> list[HistoryEntry]:
+        """Versions of one shard, newest first."""
+
+    @abc.abstractmethod
+    async def log(self, tenant: str, space: str, after_seq: int, limit: int) -> list[CommitRecord]:
+        """Commits with seq > after_seq, oldest first. Seq order is visibility order."""
+
+    @abc.abstractmethod
+    async def list_spaces(self, tenant: str) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def reset(self, tenant: str) -> None:
+        """Delete every space of a tenant (S-Bus /admin/reset, tests)."""
+
+
+def outcome_body(outcome: CommitOutcome) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and body an outcome produces (also what Idempotency-Key replays)."""
+    if outcome.stored is not None:
+        return outcome.stored.status, outcome.stored.body
+    if outcome.result is not None:
+        return 200, outcome.result.to_json()
+    assert outcome.conflicts
+    err = v.conflict_error(outcome.conflicts)
+    return err.status, err.to_body()

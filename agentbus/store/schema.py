@@ -1,0 +1,118 @@
+"""SQL schema (SQLite and PostgreSQL), used by the SQL store and mirrored by the Alembic
+migrations in ``migrations/``.
+
+Keys compare in byte order on both dialects (``COLLATE "C"`` on PostgreSQL), because prefix
+listings, cursors and the core's range checks all assume it.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+KeyText = Text().with_variant(Text(collation="C"), "postgresql")
+
+spaces = Table(
+    "spaces",
+    metadata,
+    Column("tenant", Text, primary_key=True),
+    Column("space", Text, primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+shards = Table(
+    "shards",
+    metadata,
+    Column("tenant", Text, primary_key=True),
+    Column("space", Text, primary_key=True),
+    Column("key", KeyText, primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("value", Text, nullable=True),
+    Column("deleted", Boolean, nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("updated_by", Text, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_shards_space_seq", "tenant", "space", "seq"),
+)
+
+shard_versions = Table(
+    "shard_versions",
+    metadata,
+    Column("tenant", Text, primary_key=True),
+    Column("space", Text, primary_key=True),
+    Column("key", KeyText, primary_key=True),
+    Column("version", BigInteger, primary_key=True),
+    Column("value", Text, nullable=True),
+    Column("deleted", Boolean, nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("updated_by", Text, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+commits = Table(
+    "commits",
+    metadata,
+    Column("tenant", Text, primary_key=True),
+    Column("space", Text, primary_key=True),
+    Column("seq", BigInteger, primary_key=True),
+    Column("commit_id", Text, nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("session", Text, nullable=False),
+    Column("at", Float, nullable=False),
+    Column("writes", Text, nullable=False),
+)
+
+readset_epochs = Table(
+    "readset_epochs",
+    metadata,
+    Column("tenant", Text, primary_key=True),
+    Column("space", Text, primary_key=True),
+    Column("subject", Text, primary_key=True),
+    Column("session", Text, primary_key=True),
+    Column("started_at", Float, nullable=False),
+    Column("n", Integer, nullable=False),
+    Column("overflow", Boolean, nullable=False),
+    Column("gen", BigInteger, nullable=False),
+    Index("ix_readset_epochs_started", "started_at"),
+)
+
+readset_entries = Table(
+    "readset_entries",
+    metadata,
+    Column("tenant", Text, primary_key=True),
+    Column("space", Text, primary_key=True),
+    Column("subject", Text, primary_key=True),
+    Column("session", Text, primary_key=True),
+    Column("kind", Text, primary_key=True),  # "p" point read, "r" range read
+    Column("ident", KeyText, primary_key=True),
+    Column("prefix", KeyText, nullable=True),
+    Column("start_after", KeyText, nullable=True),
+    Column("end_at", KeyText, nullable=True),
+    Column("version", BigInteger, nullable=False),  # shard version, or space seq for ranges
+)
+
+idempotency = Table(
+    "idempotency",
+    metadata,
+    Column("tenant", Text, primary_key=True),
+    Column("space", Text, primary_key=True),
+    Column("subject", Text, primary_key=True),
+    Column("idem_key", Text, primary_key=True),
+    Column("fingerprint", Text, nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Index("ix_idempotency_created", "created_at"),
+)

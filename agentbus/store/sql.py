@@ -1,0 +1,553 @@
+"""SQLite and PostgreSQL backend (SQLAlchemy 2 Core, async drivers).
+
+Atomicity: every commit first upserts its space row (``INSERT .. ON CONFLICT DO UPDATE ..
+RETURNING seq``). On PostgreSQL that takes the row lock that orders all commits of a space;
+on SQLite every write transaction is ``BEGIN IMMEDIATE``, which takes the database write
+lock across processes. Validation and apply then run inside that one transaction, so commit
+seq order equals visibility order (SSE resume relies on it) and no process-local lock is
+part of the guarantee.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import and_, delete, event, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from agentbus.core import validation as v
+from agentbus.core.errors import BackendUnavailable, ReadSetExpired
+from agentbus.core.model import (
+    CommitRecord,
+    CommitResult,
+    Epoch,
+    RangeRead,
+    SessionRef,
+    Shard,
+    ShardMeta,
+    StoredOutcome,
+)
+from agentbus.core.names import encode_cursor
+from agentbus.settings import Settings
+from agentbus.store.base import CommitOutcome, CommitRequest, HistoryEntry, Listing, Store, outcome_body
+from agentbus.store.schema import (
+    commits,
+    idempotency,
+    readset_entries,
+    readset_epochs,
+    shard_versions,
+    shards,
+    spaces,
+)
+
+
+def async_url(url: str) -> str:
+    """Map the user-facing URL to the async driver SQLAlchemy should use."""
+    for plain, driver in (
+        ("sqlite://", "sqlite+aiosqlite://"),
+        ("postgresql://", "postgresql+asyncpg://"),
+        ("postgres://", "postgresql+asyncpg://"),
+    ):
+        if url.startswith(plain):
+            return driver + url[len(plain) :]
+    return url
+
+
+def prefix_upper(prefix: str) -> str | None:
+    """Smallest string above every string starting with ``prefix`` (keys are ASCII)."""
+    if not prefix:
+        return None
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+class SQLStore(Store):
+    def __init__(self, settings: Settings, url: str | None = None) -> None:
+        super().__init__(settings)
+        self.url = async_url(url or settings.store)
+        self.is_sqlite = self.url.startswith("sqlite")
+        self._insert = sqlite.insert if self.is_sqlite else postgresql.insert
+        self.engine: AsyncEngine
+        self.reader: AsyncEngine
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if self.is_sqlite:
+            self.engine = self._sqlite_engine(immediate=True)
+            self.reader = self._sqlite_engine(immediate=False)
+        else:
+            self.engine = create_async_engine(
+                self.url,
+                pool_size=self.settings.pool_size,
+                max_overflow=self.settings.pool_size,
+                pool_pre_ping=True,
+                pool_recycle=1800,
+            )
+            self.reader = self.engine
+
+    def _sqlite_engine(self, *, immediate: bool) -> AsyncEngine:
+        engine = create_async_engine(self.url, pool_size=self.settings.pool_size, max_overflow=0)
+        busy = self.settings.sqlite_busy_timeout_ms
+        sync_mode = self.settings.sqlite_synchronous
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _connect(dbapi_conn: Any, _rec: Any) -> None:
+            # Take transaction control from the driver so BEGIN IMMEDIATE is ours to issue.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA busy_timeout={int(busy)}")
+            cur.execute(f"PRAGMA synchronous={sync_mode}")
+            cur.execute("PRAGMA foreign_keys=OFF")
+            cur.close()
+
+        begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _begin(conn: Any) -> None:
+            conn.exec_driver_sql(begin)
+
+        return engine
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+        if self.reader is not self.engine:
+            await self.reader.dispose()
+
+    @asynccontextmanager
+    async def _tx(self, *, write: bool = True) -> AsyncIterator[AsyncConnection]:
+        engine = self.engine if write else self.reader
+        try:
+            async with engine.begin() as conn:
+                yield conn
+        except (TimeoutError, OperationalError, OSError, ConnectionError) as exc:
+            raise BackendUnavailable(_describe(exc)) from exc
+        except DBAPIError as exc:
+            if exc.connection_invalidated or _is_transient(exc):
+                raise BackendUnavailable(_describe(exc)) from exc
+            raise
+
+    async def ping(self) -> None:
+        async with self._tx(write=False) as conn:
+            await conn.execute(select(1))
+
+    # ------------------------------------------------------------------ reads
+    async def read(self, ref: SessionRef, key: str) -> Shard | None:
+        async with self._tx() as conn:
+            row = (
+                await conn.execute(
+                    select(shards).where(
+                        shards.c.tenant == ref.tenant, shards.c.space == ref.space, shards.c.key == key
+                    )
+                )
+            ).first()
+            meta = _meta(row) if row is not None else None
+            await self._record(conn, ref, "p", key, v.current_version(meta))
+        if meta is None or meta.deleted:
+            return None
+        return Shard(meta=meta, value_json=row.value)  # type: ignore[union-attr]
+
+    async def list(self, ref: SessionRef, prefix: str, start_after: str | None, limit: int) -> Listing:
+        async with self._tx() as conn:
+            # Seq first, listing second: a commit the listing missed has a larger seq.
+            seq = await self._space_seq(conn, ref.tenant, ref.space)
+            conds = [shards.c.tenant == ref.tenant, shards.c.space == ref.space, shards.c.deleted.is_(False)]
+            if prefix:
+                conds.append(shards.c.key >= prefix)
+                upper = prefix_upper(prefix)
+                if upper is not None:
+                    conds.append(shards.c.key < upper)
+            if start_after is not None:
+                conds.append(shards.c.key > start_after)
+            rows = (await conn.execute(select(shards).where(*conds).order_by(shards.c.key).limit(limit + 1))).all()
+            has_more = len(rows) > limit
+            items = [_meta(r) for r in rows[:limit]]
+            rr = v.range_from_listing(prefix, start_after, [m.key for m in items], has_more, seq)
+            await self._record_range(conn, ref, rr)
+        cursor = encode_cursor(items[-1].key) if has_more and items else None
+        return Listing(items=items, next_cursor=cursor)
+
+    async def _space_seq(self, conn: AsyncConnection, tenant: str, space: str) -> int:
+        seq = (
+            await conn.execute(select(spaces.c.seq).where(spaces.c.tenant == tenant, spaces.c.space == space))
+        ).scalar()
+        return int(seq or 0)
+
+    async def _lock_epoch(self, conn: AsyncConnection, ref: SessionRef) -> Any:
+        """Create-or-lock the epoch header; on PostgreSQL this row lock orders a session's
+        reads against its own commit, so no read can fall between two epochs."""
+        stmt = self._insert(readset_epochs).values(
+            tenant=ref.tenant,
+            space=ref.space,
+            subject=ref.subject,
+            session=ref.session,
+            started_at=self.now(),
+            n=0,
+            overflow=False,
+            gen=0,
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["tenant", "space", "subject", "session"],
+            set_={"gen": readset_epochs.c.gen},
+        ).returning(readset_epochs.c.n, readset_epochs.c.overflow)
+        return (await conn.execute(stmt)).one()
+
+    async def _record(
+        self, conn: AsyncConnection, ref: SessionRef, kind: str, ident: str, version: int, **extra: Any
+    ) -> None:
+        hdr = await self._lock_epoch(conn, ref)
+        if hdr.overflow:
+            return
+        if hdr.n >= self.settings.readset_max_entries:
+            await conn.execute(update(readset_epochs).where(*_epoch_pk(ref)).values(overflow=True))
+            return
+        stmt = (
+            self._insert(readset_entries)
+            .values(
+                tenant=ref.tenant,
+                space=ref.space,
+                subject=ref.subject,
+                session=ref.session,
+                kind=kind,
+                ident=ident,
+                version=version,
+                **extra,
+            )
+            .on_conflict_do_nothing()
+        )
+        res = await conn.execute(stmt)
+        if res.rowcount == 1:
+            await conn.execute(
+                update(readset_epochs)
+                .where(*_epoch_pk(ref))
+                .values(n=readset_epochs.c.n + 1, gen=readset_epochs.c.gen + 1)
+            )
+
+    async def _record_range(self, conn: AsyncConnection, ref: SessionRef, rr: RangeRead) -> None:
+        await self._record(
+            conn, ref, "r", rr.ident, rr.seq, prefix=rr.prefix, start_after=rr.start_after, end_at=rr.end_at
+        )
+
+    # ------------------------------------------------------------------ epochs
+    async def _load_epoch(self, conn: AsyncConnection, ref: SessionRef, *, lock: bool) -> Epoch | None:
+        q = select(readset_epochs).where(*_epoch_pk(ref))
+        if lock and not self.is_sqlite:
+            q = q.with_for_update()
+        hdr = (await conn.execute(q)).first()
+        if hdr is None:
+            return None
+        epoch = Epoch(started_at=hdr.started_at, overflow=bool(hdr.overflow), generation=int(hdr.gen))
+        rows = (await conn.execute(select(readset_entries).where(*_entry_pk(ref)))).all()
+        for r in rows:
+            if r.kind == "p":
+                epoch.points[r.ident] = int(r.version)
+            else:
+                epoch.ranges.append(RangeRead(r.prefix or "", r.start_after, r.end_at, int(r.version)))
+        return epoch
+
+    async def _drop_epoch(self, conn: AsyncConnection, ref: SessionRef) -> None:
+        await conn.execute(delete(readset_entries).where(*_entry_pk(ref)))
+        await conn.execute(delete(readset_epochs).where(*_epoch_pk(ref)))
+
+    async def get_epoch(self, ref: SessionRef) -> Epoch | None:
+        async with self._tx(write=False) as conn:
+            return await self._load_epoch(conn, ref, lock=False)
+
+    async def clear_epoch(self, ref: SessionRef) -> None:
+        async with self._tx() as conn:
+            await self._drop_epoch(conn, ref)
+
+    # ------------------------------------------------------------------ commit
+    async def commit(self, ref: SessionRef, req: CommitRequest) -> CommitOutcome:
+        expired: ReadSetExpired | None = None
+        async with self._tx() as conn:
+            now = self.now()
+            seq = await self._lock_space(conn, ref, now)
+            if req.idempotency_key:
+                stored = await self._load_outcome(conn, ref, req.idempotency_key)
+                if stored is not None:
+                    return CommitOutcome(stored=stored)
+            epoch = await self._load_epoch(conn, ref, lock=True)
+            try:
+                v.check_epoch(epoch, now=now, ttl_s=self.settings.readset_ttl_s)
+            except ReadSetExpired as exc:
+                # The epoch ends here too; the 410 is raised after the delete commits.
+                expired = exc
+                await self._drop_epoch(conn, ref)
+            if expired is None:
+                outcome = await self._validate_and_apply(conn, ref, req, epoch, seq, now)
+                if epoch is not None:
+                    await self._drop_epoch(conn, ref)
+                if req.idempotency_key:
+                    await self._store_outcome(conn, ref, req, outcome, now)
+        if expired is not None:
+            raise expired
+        return outcome
+
+    async def _lock_space(self, conn: AsyncConnection, ref: SessionRef, now: float) -> int:
+        stmt = (
+            self._insert(spaces)
+            .values(tenant=ref.tenant, space=ref.space, seq=0, created_at=now)
+            .on_conflict_do_update(index_elements=["tenant", "space"], set_={"seq": spaces.c.seq})
+            .returning(spaces.c.seq)
+        )
+        return int((await conn.execute(stmt)).scalar_one())
+
+    async def _validate_and_apply(
+        self,
+        conn: AsyncConnection,
+        ref: SessionRef,
+        req: CommitRequest,
+        epoch: Epoch | None,
+        seq: int,
+        now: float,
+    ) -> CommitOutcome:
+        guards = v.build_guards(epoch, req.explicit_reads, req.writes)
+        keys = guards.keys | {w.key for w in req.writes}
+        heads: dict[str, ShardMeta | None] = dict.fromkeys(keys)
+        space_pk = (shards.c.tenant == ref.tenant, shards.c.space == ref.space)
+        rows = (await conn.execute(select(*_META_COLS).where(*space_pk, shards.c.key.in_(sorted(keys))))).all()
+        for r in rows:
+            heads[r.key] = _meta(r)
+        changed: list[ShardMeta] = []
+        floor = guards.min_range_seq
+        if floor is not None and floor < seq:
+            crows = (await conn.execute(select(*_META_COLS).where(*space_pk, shards.c.seq > floor))).all()
+            changed = [_meta(r) for r in crows]
+        conflicts = v.find_conflicts(guards, heads, changed)
+        if conflicts:
+            return CommitOutcome(conflicts=conflicts)
+
+        new_seq = seq + 1
+        versions = v.next_versions(req.writes, heads)
+        commit_id = v.new_commit_id()
+        await conn.execute(
+            update(spaces).where(spaces.c.tenant == ref.tenant, spaces.c.space == ref.space).values(seq=new_seq)
+        )
+        rows_out = [
+            {
+                "tenant": ref.tenant,
+                "space": ref.space,
+                "key": w.key,
+                "version": versions[w.key],
+                "value": None if w.delete else w.value_json,
+                "deleted": w.delete,
+                "seq": new_seq,
+                "updated_by": ref.subject,
+                "updated_at": now,
+            }
+            for w in req.writes
+        ]
+        ins = self._insert(shards)
+        await conn.execute(
+            ins.on_conflict_do_update(
+                index_elements=["tenant", "space", "key"],
+                set_={c: ins.excluded[c] for c in ("version", "value", "deleted", "seq", "updated_by", "updated_at")},
+            ),
+            rows_out,
+        )
+        await conn.execute(insert(shard_versions), rows_out)
+        log_writes = [{"key": w.key, "version": versions[w.key], "deleted": w.delete} for w in req.writes]
+        await conn.execute(
+            insert(commits).values(
+                tenant=ref.tenant,
+                space=ref.space,
+                seq=new_seq,
+                commit_id=commit_id,
+                subject=ref.subject,
+                session=ref.session,
+                at=now,
+                writes=json.dumps(log_writes),
+            )
+        )
+        return CommitOutcome(result=CommitResult(commit_id=commit_id, seq=new_seq, versions=versions))
+
+    async def _load_outcome(self, conn: AsyncConnection, ref: SessionRef, key: str) -> StoredOutcome | None:
+        row = (
+            await conn.execute(
+                select(idempotency).where(
+                    idempotency.c.tenant == ref.tenant,
+                    idempotency.c.space == ref.space,
+                    idempotency.c.subject == ref.subject,
+                    idempotency.c.idem_key == key,
+                )
+            )
+        ).first()
+        if row is None or row.created_at < self.now() - self.settings.idempotency_ttl_s:
+            return None
+        return StoredOutcome(fingerprint=row.fingerprint, status=row.status, body=json.loads(row.body))
+
+    async def _store_outcome(
+        self, conn: AsyncConnection, ref: SessionRef, req: CommitRequest, outcome: CommitOutcome, now: float
+    ) -> None:
+        status, body = outcome_body(outcome)
+        stmt = self._insert(idempotency).values(
+            tenant=ref.tenant,
+            space=ref.space,
+            subject=ref.subject,
+            idem_key=req.idempotency_key,
+            fingerprint=req.fingerprint or "",
+            status=status,
+            body=json.dumps(body),
+            created_at=now,
+        )
+        # An expired record under the same key is replaced by the new outcome.
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["tenant", "space", "subject", "idem_key"],
+            set_={c: stmt.excluded[c] for c in ("fingerprint", "status", "body", "created_at")},
+        )
+        await conn.execute(stmt)
+
+    # ------------------------------------------------------------------ inspection
+    async def space_exists(self, tenant: str, space: str) -> bool:
+        async with self._tx(write=False) as conn:
+            row = (
+                await conn.execute(select(spaces.c.seq).where(spaces.c.tenant == tenant, spaces.c.space == space))
+            ).first()
+        return row is not None
+
+    async def history(
+        self, tenant: str, space: str, key: str, before_version: int | None, limit: int
+    ) -> list[HistoryEntry]:
+        conds = [shard_versions.c.tenant == tenant, shard_versions.c.space == space, shard_versions.c.key == key]
+        if before_version is not None:
+            conds.append(shard_versions.c.version < before_version)
+        async with self._tx(write=False) as conn:
+            rows = (
+                await conn.execute(
+                    select(shard_versions).where(*conds).order_by(shard_versions.c.version.desc()).limit(limit)
+                )
+            ).all()
+        return [
+            HistoryEntry(
+                key=r.key,
+                version=int(r.version),
+                value_json=r.value,
+                deleted=bool(r.deleted),
+                seq=int(r.seq),
+                updated_by=r.updated_by,
+                updated_at=r.updated_at,
+            )
+            for r in rows
+        ]
+
+    async def log(self, tenant: str, space: str, after_seq: int, limit: int) -> list[CommitRecord]:
+        async with self._tx(write=False) as conn:
+            rows = (
+                await conn.execute(
+                    select(commits)
+                    .where(commits.c.tenant == tenant, commits.c.space == space, commits.c.seq > after_seq)
+                    .order_by(commits.c.seq)
+                    .limit(limit)
+                )
+            ).all()
+        return [
+            CommitRecord(
+                seq=int(r.seq),
+                commit_id=r.commit_id,
+                subject=r.subject,
+                session=r.session,
+                at=r.at,
+                writes=json.loads(r.writes),
+            )
+            for r in rows
+        ]
+
+    async def list_spaces(self, tenant: str) -> list[dict[str, Any]]:
+        async with self._tx(write=False) as conn:
+            rows = (await conn.execute(select(spaces).where(spaces.c.tenant == tenant).order_by(spaces.c.space))).all()
+        return [{"space": r.space, "seq": int(r.seq), "created_at": r.created_at} for r in rows]
+
+    async def reset(self, tenant: str) -> None:
+        async with self._tx() as conn:
+            for table in (readset_entries, readset_epochs, idempotency, commits, shard_versions, shards, spaces):
+                await conn.execute(delete(table).where(table.c.tenant == tenant))
+
+    async def purge(self) -> int:
+        """Drop epochs past their retention and expired idempotency records."""
+        now = self.now()
+        async with self._tx() as conn:
+            old = (
+                await conn.execute(
+                    select(readset_epochs).where(readset_epochs.c.started_at < now - self.settings.readset_retention_s)
+                )
+            ).all()
+            for hdr in old:
+                await self._drop_epoch(conn, SessionRef(hdr.tenant, hdr.space, hdr.subject, hdr.session))
+            res = await conn.execute(
+                delete(idempotency).where(idempotency.c.created_at < now - self.settings.idempotency_ttl_s)
+            )
+        return len(old) + int(res.rowcount or 0)
+
+    async def count_rows(self) -> dict[str, int]:
+        """Row counts per table, for tests and the operator."""
+        out: dict[str, int] = {}
+        async with self._tx(write=False) as conn:
+            for t in (spaces, shards, shard_versions, commits, readset_epochs, readset_entries, idempotency):
+                out[t.name] = int((await conn.execute(select(func.count()).select_from(t))).scalar_one())
+        return out
+
+
+_META_COLS = (
+    shards.c.key,
+    shards.c.version,
+    shards.c.deleted,
+    shards.c.seq,
+    shards.c.updated_by,
+    shards.c.updated_at,
+)
+
+
+def _meta(row: Any) -> ShardMeta:
+    return ShardMeta(
+        key=row.key,
+        version=int(row.version),
+        deleted=bool(row.deleted),
+        seq=int(row.seq),
+        updated_by=row.updated_by,
+        updated_at=float(row.updated_at),
+    )
+
+
+def _epoch_pk(ref: SessionRef) -> Iterable[Any]:
+    return (
+        readset_epochs.c.tenant == ref.tenant,
+        readset_epochs.c.space == ref.space,
+        readset_epochs.c.subject == ref.subject,
+        readset_epochs.c.session == ref.session,
+    )
+
+
+def _entry_pk(ref: SessionRef) -> Iterable[Any]:
+    return (
+        and_(
+            readset_entries.c.tenant == ref.tenant,
+            readset_entries.c.space == ref.space,
+            readset_entries.c.subject == ref.subject,
+            readset_entries.c.session == ref.session,
+        ),
+    )
+
+
+def _is_transient(exc: DBAPIError) -> bool:
+    text = str(exc.orig).lower() if exc.orig is not None else ""
+    return any(
+        s in text
+        for s in (
+            "database is locked",
+            "connection",
+            "terminating",
+            "shutting down",
+            "cannot connect",
+            "the database system is",
+        )
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    kind = type(getattr(exc, "orig", None) or exc).__name__
+    return f"storage backend unavailable ({kind}); retry shortly"
