@@ -64,8 +64,8 @@ class RangeRead:
 
     @property
     def ident(self) -> str:
-        """Stable identity within an epoch: the first seq recorded for a range is kept."""
-        return f"{self.prefix}\x00{self.start_after or ''}\x00{self.end_at or ''}"
+        """Stable identity within an epoch (the first seq recorded for a range is kept). "|" never occurs in keys."""
+        return f"{self.prefix}|{self.start_after or ''}|{self.end_at or ''}"
 
 
 @dataclass(slots=True)
