@@ -203,7 +203,16 @@ class SQLStore(Store):
         if hdr.overflow:
             return
         if hdr.n >= self.settings.readset_max_entries:
-            await conn.execute(update(readset_epochs).where(*_epoch_pk(ref)).values(overflow=True))
+            # Full: a key already recorded needs no entry; a new one cannot be recorded.
+            known = (
+                await conn.execute(
+                    select(readset_entries.c.version).where(
+                        *_entry_pk(ref), readset_entries.c.kind == kind, readset_entries.c.ident == ident
+                    )
+                )
+            ).first()
+            if known is None:
+                await conn.execute(update(readset_epochs).where(*_epoch_pk(ref)).values(overflow=True))
             return
         stmt = (
             self._insert(readset_entries)
