@@ -16,7 +16,7 @@ run: $(STAMP)
 	$(BIN)/agentbus serve
 
 test: $(STAMP)
-	$(BIN)/ruff check agentbus tests bench migrations
+	$(BIN)/ruff check agentbus tests bench migrations examples
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
