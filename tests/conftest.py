@@ -214,7 +214,12 @@ def server_factory(backend: str, request: pytest.FixtureRequest, tmp_path: Path)
     prefix = f"t{uuid.uuid4().hex[:8]}"
 
     def factory(n: int = 1, *, workers: int = 1, **env: str) -> Server:
-        full_env = {"AGENTBUS_REDIS_PREFIX": prefix, **{f"AGENTBUS_{k.upper()}": str(v) for k, v in env.items()}}
+        # Dev mode (no tokens) unless a test asks for auth=true: most tests are about the bus.
+        full_env = {
+            "AGENTBUS_REDIS_PREFIX": prefix,
+            "AGENTBUS_AUTH": "false",
+            **{f"AGENTBUS_{k.upper()}": str(v) for k, v in env.items()},
+        }
         srv = Server(store=store, env=full_env, log_dir=tmp_path)
         started.append(srv)
         return srv.start(n, workers=workers)
