@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/agentbus serve
+	AGENTBUS_AUTH=$${AGENTBUS_AUTH:-false} $(BIN)/agentbus serve
 
 test: $(STAMP)
 	$(BIN)/ruff check agentbus tests bench migrations examples

@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from agentbus import __version__
-from agentbus.api import bus, errors, health
-from agentbus.api.limits import BodyLimit
+from agentbus.api import admin, bus, errors, health
+from agentbus.api.limits import BodyLimit, SecurityHeaders
+from agentbus.auth.authenticator import Authenticator
+from agentbus.auth.bootstrap import ensure_admin
 from agentbus.settings import Settings
 from agentbus.store import open_store
 
@@ -26,6 +28,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = open_store(settings)
         await store.start()
         app.state.store = store
+        app.state.authenticator = Authenticator(store, settings)
+        if settings.auth and settings.bootstrap_admin_token is not None:
+            await ensure_admin(store, settings.default_tenant, settings.bootstrap_admin_token.get_secret_value())
         purger = asyncio.create_task(_purge_forever(store))
         try:
             yield
@@ -44,11 +49,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(health.router)
     app.include_router(bus.router)
+    app.include_router(admin.router)
     if settings.sbus_compat:
         from agentbus.api import sbus
 
         app.include_router(sbus.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(SecurityHeaders)
+    if settings.cors_origins:
+        # Closed unless configured: browsers may not call the API from other origins.
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Agent-Session", "Last-Event-ID"],
+        )
     return app
 
 

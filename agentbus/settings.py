@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -32,8 +32,17 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1)
     auto_migrate: bool = Field(True, description="Apply SQL migrations on `agentbus serve`.")
 
-    # Dev mode: without auth the caller names itself with X-Agent-Id.
+    # Identity. With auth off (dev mode, loopback only) the caller names itself with X-Agent-Id.
+    auth: bool = Field(True, description="Require bearer tokens; false is allowed only on a loopback bind.")
     default_tenant: str = "default"
+    bootstrap_admin_token: SecretStr | None = Field(
+        None, description="Admin token to install on start (else one is generated and printed once)."
+    )
+    auth_cache_ttl_s: float = Field(2.0, ge=0, description="Token lookups are cached this long; revocation lag.")
+    auth_fail_limit: int = Field(30, ge=1, description="Failed authentications per client per window before 429.")
+    auth_fail_window_s: float = Field(60.0, gt=0)
+    cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; empty = CORS closed.")
+    audit_retention_s: float = Field(30 * 86400.0, gt=0)
 
     # Delivery log bounds.
     readset_ttl_s: float = Field(3600.0, gt=0, description="Age after which a read set is expired (410).")
@@ -91,6 +100,7 @@ class Settings(BaseSettings):
         """Settings safe to show an operator (no credentials in URLs)."""
         data = self.model_dump()
         data["store"] = redact_url(self.store)
+        data["bootstrap_admin_token"] = "***" if self.bootstrap_admin_token else None
         return data
 
 

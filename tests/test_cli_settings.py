@@ -40,9 +40,9 @@ def test_help_explains_itself() -> None:
 
 
 def test_serve_refuses_non_loopback_bind_without_auth() -> None:
-    out = run_cli("serve", "--host", "0.0.0.0", "--no-migrate")
+    out = run_cli("serve", "--host", "0.0.0.0", "--no-migrate", env={"AGENTBUS_AUTH": "false"})
     assert out.returncode == 2
-    assert "refusing to bind 0.0.0.0" in out.stderr
+    assert "refusing to bind 0.0.0.0 with AGENTBUS_AUTH=false" in out.stderr
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from agentbus.auth.principal import Principal, get_principal
+from agentbus.auth.principal import Principal, require, space_not_found
 from agentbus.core import validation as v
 from agentbus.core.errors import NotFound, ValidationFailed
 from agentbus.core.model import SessionRef, Shard, WriteOp
@@ -73,11 +73,18 @@ def settings_of(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def session_ref(principal: Principal, space: str) -> SessionRef:
-    return SessionRef(principal.tenant, check_space(space), principal.subject, principal.session)
+async def session_ref(request: Request, principal: Principal, space: str) -> SessionRef:
+    """The caller's read-set identity in ``space``; a space outside the token's allow-list
+    answers exactly like a space that does not exist (audited as a denial)."""
+    check_space(space)
+    if not principal.may_see_space(space):
+        await request.app.state.authenticator.deny(request, principal, 404, f"space {space} not in allow-list")
+        raise space_not_found(space)
+    return SessionRef(principal.tenant, space, principal.subject, principal.session)
 
 
-Caller = Annotated[Principal, Depends(get_principal)]
+Reader = Annotated[Principal, Depends(require("bus:read"))]
+Writer = Annotated[Principal, Depends(require("bus:write"))]
 
 
 def shard_body(shard: Shard) -> bytes:
@@ -89,8 +96,9 @@ def shard_body(shard: Shard) -> bytes:
 
 
 @router.get("/spaces", summary="Spaces of the caller's tenant")
-async def list_spaces(request: Request, who: Caller) -> Response:
-    return json_response({"spaces": await store_of(request).list_spaces(who.tenant)})
+async def list_spaces(request: Request, who: Reader) -> Response:
+    spaces = await store_of(request).list_spaces(who.tenant)
+    return json_response({"spaces": [s for s in spaces if who.may_see_space(s["space"])]})
 
 
 @router.get("/spaces/{space}/shards/{key:path}/history", summary="Versions of one shard, newest first")
@@ -98,12 +106,12 @@ async def shard_history(
     request: Request,
     space: str,
     key: str,
-    who: Caller,
+    who: Reader,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     before_version: Annotated[int | None, Query(ge=1)] = None,
 ) -> Response:
     settings = settings_of(request)
-    ref = session_ref(who, space)
+    ref = await session_ref(request, who, space)
     check_key(key, max_len=settings.max_key_length)
     store = store_of(request)
     entries = await store.history(ref.tenant, ref.space, key, before_version, limit)
@@ -129,9 +137,9 @@ async def shard_history(
 
 
 @router.get("/spaces/{space}/shards/{key:path}", summary="Read a shard (recorded in your read set)")
-async def read_shard(request: Request, space: str, key: str, who: Caller) -> Response:
+async def read_shard(request: Request, space: str, key: str, who: Reader) -> Response:
     settings = settings_of(request)
-    ref = session_ref(who, space)
+    ref = await session_ref(request, who, space)
     check_key(key, max_len=settings.max_key_length)
     shard = await store_of(request).read(ref, key)
     if shard is None:
@@ -147,13 +155,13 @@ async def read_shard(request: Request, space: str, key: str, who: Caller) -> Res
 async def list_shards(
     request: Request,
     space: str,
-    who: Caller,
+    who: Reader,
     prefix: str = "",
     limit: Annotated[int, Query(ge=1)] = 100,
     cursor: str | None = None,
 ) -> Response:
     settings = settings_of(request)
-    ref = session_ref(who, space)
+    ref = await session_ref(request, who, space)
     check_prefix(prefix, max_len=settings.max_key_length)
     if limit > settings.max_list_limit:
         raise ValidationFailed(f"limit must be at most {settings.max_list_limit}", code="limit_too_large")
@@ -177,11 +185,11 @@ async def commit(
     request: Request,
     space: str,
     body: CommitIn,
-    who: Caller,
+    who: Writer,
     idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
 ) -> Response:
     settings = settings_of(request)
-    ref = session_ref(who, space)
+    ref = await session_ref(request, who, space)
     req = build_commit_request(settings, body, idempotency_key)
     outcome = await store_of(request).commit(ref, req)
     if outcome.stored is not None and outcome.stored.fingerprint != req.fingerprint:
@@ -229,8 +237,8 @@ def build_commit_request(settings: Settings, body: CommitIn, idempotency_key: st
 
 
 @router.get("/spaces/{space}/readset", summary="Your current read set in this space")
-async def get_readset(request: Request, space: str, who: Caller) -> Response:
-    ref = session_ref(who, space)
+async def get_readset(request: Request, space: str, who: Reader) -> Response:
+    ref = await session_ref(request, who, space)
     settings = settings_of(request)
     epoch = await store_of(request).get_epoch(ref)
     if epoch is None:
@@ -253,8 +261,8 @@ async def get_readset(request: Request, space: str, who: Caller) -> Response:
 
 
 @router.delete("/spaces/{space}/readset", summary="Clear your read set (start a new epoch)")
-async def clear_readset(request: Request, space: str, who: Caller) -> Response:
-    await store_of(request).clear_epoch(session_ref(who, space))
+async def clear_readset(request: Request, space: str, who: Reader) -> Response:
+    await store_of(request).clear_epoch(await session_ref(request, who, space))
     return Response(status_code=204)
 
 
@@ -262,14 +270,14 @@ async def clear_readset(request: Request, space: str, who: Caller) -> Response:
 async def commit_log(
     request: Request,
     space: str,
-    who: Caller,
+    who: Reader,
     after: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
-    ref = session_ref(who, space)
+    ref = await session_ref(request, who, space)
     store = store_of(request)
     if not await store.space_exists(ref.tenant, ref.space):
-        raise NotFound(f"space {space!r} does not exist", code="space_not_found")
+        raise space_not_found(space)
     records = await store.log(ref.tenant, ref.space, after, limit)
     next_after = records[-1].seq if records else after
     return json_response({"commits": [r.to_json() for r in records], "next_after": next_after})
@@ -279,11 +287,11 @@ async def commit_log(
 async def events(
     request: Request,
     space: str,
-    who: Caller,
+    who: Reader,
     last_event_id: Annotated[str | None, Header()] = None,
     after: Annotated[int | None, Query(ge=0)] = None,
 ) -> StreamingResponse:
-    ref = session_ref(who, space)
+    ref = await session_ref(request, who, space)
     start = after if after is not None else 0
     if last_event_id:
         try:

@@ -24,6 +24,8 @@ log = logging.getLogger("agentbus")
 
 def error_response(err: AgentbusError) -> Response:
     headers: dict[str, str] = {}
+    if err.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="agentbus"'
     if err.retry_after_ms is not None:
         headers["Retry-After"] = str(max(1, (err.retry_after_ms + 999) // 1000))
     return Response(orjson.dumps(err.to_body()), status_code=err.status, media_type="application/json", headers=headers)

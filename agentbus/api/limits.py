@@ -56,3 +56,38 @@ class BodyLimit:
 
 class _TooLarge(Exception):
     pass
+
+
+_COMMON_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+]
+# The API serves JSON and SSE only; the interactive docs load their own assets.
+_API_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+_DOC_PATHS = ("/docs", "/redoc", "/openapi.json")
+
+
+class SecurityHeaders:
+    """Adds conservative security headers to every HTTP response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        is_doc = scope.get("path", "").startswith(_DOC_PATHS)
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {k.lower() for k, _ in message.get("headers", [])}
+                extra = [(k, v) for k, v in _COMMON_HEADERS if k not in present]
+                if not is_doc:
+                    extra.append(_API_CSP)
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)

@@ -116,3 +116,36 @@ idempotency = Table(
     Column("created_at", Float, nullable=False),
     Index("ix_idempotency_created", "created_at"),
 )
+
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("hash", Text, nullable=False, unique=True),
+    Column("tenant", Text, nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("scopes", Text, nullable=False),  # JSON list
+    Column("spaces", Text, nullable=True),  # JSON list, NULL = every space of the tenant
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=True),
+    Column("revoked_at", Float, nullable=True),
+    Column("description", Text, nullable=False),
+    Column("budgets", Text, nullable=False),  # JSON object
+    Index("ix_tokens_tenant", "tenant"),
+)
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("tenant", Text, nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("target", Text, nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("client", Text, nullable=False),
+    Column("detail", Text, nullable=False),  # JSON object
+    Index("ix_audit_tenant_at", "tenant", "at"),
+)

@@ -20,6 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from agentbus.auth.tokens import AuditEvent, TokenRecord
 from agentbus.core import validation as v
 from agentbus.core.errors import BackendUnavailable, ReadSetExpired
 from agentbus.core.model import (
@@ -36,6 +37,7 @@ from agentbus.core.names import encode_cursor
 from agentbus.settings import Settings
 from agentbus.store.base import CommitOutcome, CommitRequest, HistoryEntry, Listing, Store, outcome_body
 from agentbus.store.schema import (
+    audit,
     commits,
     idempotency,
     readset_entries,
@@ -43,6 +45,7 @@ from agentbus.store.schema import (
     shard_versions,
     shards,
     spaces,
+    tokens,
 )
 
 
@@ -500,6 +503,78 @@ class SQLStore(Store):
                 out[t.name] = int((await conn.execute(select(func.count()).select_from(t))).scalar_one())
         return out
 
+    # ------------------------------------------------------------------ tokens and audit
+    async def put_token(self, rec: TokenRecord) -> None:
+        async with self._tx() as conn:
+            await conn.execute(insert(tokens).values(**_token_row(rec)))
+
+    async def token_by_hash(self, token_hash: str) -> TokenRecord | None:
+        async with self._tx(write=False) as conn:
+            row = (await conn.execute(select(tokens).where(tokens.c.hash == token_hash))).first()
+        return _token(row) if row is not None else None
+
+    async def list_tokens(self, tenant: str | None) -> list[TokenRecord]:
+        q = select(tokens).order_by(tokens.c.created_at)
+        if tenant is not None:
+            q = q.where(tokens.c.tenant == tenant)
+        async with self._tx(write=False) as conn:
+            rows = (await conn.execute(q)).all()
+        return [_token(r) for r in rows]
+
+    async def revoke_token(self, token_id: str, at: float) -> TokenRecord | None:
+        async with self._tx() as conn:
+            await conn.execute(
+                update(tokens).where(tokens.c.id == token_id, tokens.c.revoked_at.is_(None)).values(revoked_at=at)
+            )
+            row = (await conn.execute(select(tokens).where(tokens.c.id == token_id))).first()
+        return _token(row) if row is not None else None
+
+    async def has_admin_token(self) -> bool:
+        async with self._tx(write=False) as conn:
+            row = (
+                await conn.execute(
+                    select(tokens.c.id).where(tokens.c.kind == "admin", tokens.c.revoked_at.is_(None)).limit(1)
+                )
+            ).first()
+        return row is not None
+
+    async def record_audit(self, event: AuditEvent) -> None:
+        async with self._tx() as conn:
+            await conn.execute(
+                insert(audit).values(
+                    at=event.at,
+                    tenant=event.tenant,
+                    subject=event.subject,
+                    action=event.action,
+                    target=event.target,
+                    status=event.status,
+                    client=event.client,
+                    detail=json.dumps(event.detail),
+                )
+            )
+
+    async def audit_log(self, tenant: str | None, limit: int, before: float | None = None) -> list[AuditEvent]:
+        q = select(audit).order_by(audit.c.at.desc(), audit.c.id.desc()).limit(limit)
+        if tenant is not None:
+            q = q.where(audit.c.tenant == tenant)
+        if before is not None:
+            q = q.where(audit.c.at < before)
+        async with self._tx(write=False) as conn:
+            rows = (await conn.execute(q)).all()
+        return [
+            AuditEvent(
+                at=r.at,
+                tenant=r.tenant,
+                subject=r.subject,
+                action=r.action,
+                target=r.target,
+                status=int(r.status),
+                client=r.client,
+                detail=json.loads(r.detail),
+            )
+            for r in rows
+        ]
+
 
 _META_COLS = (
     shards.c.key,
@@ -519,6 +594,40 @@ def _meta(row: Any) -> ShardMeta:
         seq=int(row.seq),
         updated_by=row.updated_by,
         updated_at=float(row.updated_at),
+    )
+
+
+def _token_row(rec: TokenRecord) -> dict[str, Any]:
+    return {
+        "id": rec.id,
+        "hash": rec.hash,
+        "tenant": rec.tenant,
+        "subject": rec.subject,
+        "kind": rec.kind,
+        "scopes": json.dumps(sorted(rec.scopes)),
+        "spaces": json.dumps(sorted(rec.spaces)) if rec.spaces is not None else None,
+        "created_at": rec.created_at,
+        "expires_at": rec.expires_at,
+        "revoked_at": rec.revoked_at,
+        "description": rec.description,
+        "budgets": json.dumps(rec.budgets),
+    }
+
+
+def _token(row: Any) -> TokenRecord:
+    return TokenRecord(
+        id=row.id,
+        hash=row.hash,
+        tenant=row.tenant,
+        subject=row.subject,
+        kind=row.kind,
+        scopes=frozenset(json.loads(row.scopes)),
+        spaces=frozenset(json.loads(row.spaces)) if row.spaces is not None else None,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+        description=row.description,
+        budgets=json.loads(row.budgets),
     )
 
 
