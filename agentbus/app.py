@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from agentbus import __version__
-from agentbus.api import admin, bus, errors, health
+from agentbus.api import admin, broker, bus, errors, health
 from agentbus.api.limits import BodyLimit, SecurityHeaders
 from agentbus.auth.authenticator import Authenticator
 from agentbus.auth.bootstrap import ensure_admin
+from agentbus.broker.service import Broker
 from agentbus.settings import Settings
 from agentbus.store import open_store
 
@@ -31,11 +32,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.authenticator = Authenticator(store, settings)
         if settings.auth and settings.bootstrap_admin_token is not None:
             await ensure_admin(store, settings.default_tenant, settings.bootstrap_admin_token.get_secret_value())
+        broker = Broker(settings, store)
+        await broker.start()
+        app.state.broker = broker
         purger = asyncio.create_task(_purge_forever(store))
         try:
             yield
         finally:
             purger.cancel()
+            await broker.close()
             await store.close()
 
     app = FastAPI(
@@ -50,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(bus.router)
     app.include_router(admin.router)
+    app.include_router(broker.router)
     if settings.sbus_compat:
         from agentbus.api import sbus
 

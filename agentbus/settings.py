@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     # S-Bus compatible routes (/shard, /commit, ...).
     sbus_compat: bool = False
 
+    # Model broker: a YAML file (hot-reloaded) or a JSON list of endpoints.
+    broker_config: str | None = Field(None, description="Path of the broker YAML config (hot-reloaded).")
+    broker_endpoints: str | None = Field(None, description="JSON list of endpoints, for a config-file-free setup.")
+    broker_reload_s: float = Field(2.0, gt=0, description="How often the broker config file is checked.")
+
     events_poll_s: float = Field(0.25, gt=0, description="How often SSE streams poll for commits.")
 
     @field_validator("sqlite_synchronous")

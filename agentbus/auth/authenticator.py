@@ -69,6 +69,7 @@ class Authenticator:
             kind=rec.kind,
             spaces=rec.spaces,
             token_id=rec.id,
+            budgets=rec.budgets or None,
         )
 
     async def _fail(self, request: Request, reason: str, rec: TokenRecord | None = None) -> None:

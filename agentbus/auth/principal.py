@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Request
 
@@ -32,6 +33,7 @@ class Principal:
     kind: str = "agent"
     spaces: frozenset[str] | None = None
     token_id: str | None = None
+    budgets: dict[str, Any] | None = None
 
     def may_see_space(self, space: str) -> bool:
         return self.spaces is None or space in self.spaces

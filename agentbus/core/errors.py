@@ -116,6 +116,15 @@ class RateLimited(AgentbusError):
     retryable = True
 
 
+class BadGateway(AgentbusError):
+    """An upstream model endpoint failed or answered with something unusable (HTTP 502)."""
+
+    status = 502
+    type = "upstream"
+    code = "upstream_error"
+    retryable = True
+
+
 class BackendUnavailable(AgentbusError):
     status = 503
     type = "unavailable"

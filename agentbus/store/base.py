@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from agentbus.broker.budget import Amount, Counter, Denial, Limits
 from agentbus.core import validation as v
 from agentbus.core.model import (
     CommitRecord,
@@ -62,6 +63,8 @@ class HistoryEntry:
 
 
 class Store(abc.ABC):
+    budgets: BudgetStore
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
@@ -129,3 +132,80 @@ def outcome_body(outcome: CommitOutcome) -> tuple[int, dict[str, Any]]:
     assert outcome.conflicts
     err = v.conflict_error(outcome.conflicts)
     return err.status, err.to_body()
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Budget held for one model call between reserve and settle/release."""
+
+    id: str
+    scopes: tuple[str, ...]
+    amount: Amount
+    created_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One broker call, for the operator views and `GET /v1/budget` history."""
+
+    at: float
+    tenant: str
+    subject: str
+    session: str
+    model: str
+    upstream_model: str
+    endpoint: str
+    route: str
+    input_tokens: int
+    output_tokens: int
+    cost: float
+    latency_ms: float
+    ttft_ms: float | None
+    outcome: str  # ok | error | denied
+    status: int
+    stream: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+class BudgetStore(abc.ABC):
+    """Atomic budget accounting in the backend (SQL row locks or one Lua script).
+
+    ``scopes`` maps a scope key (``t:<tenant>`` or ``p:<tenant>/<subject>``) to its limits.
+    The arithmetic is :mod:`agentbus.broker.budget`; a backend makes roll + admit + reserve
+    over all scopes one atomic step, so concurrent calls cannot overspend.
+    """
+
+    @abc.abstractmethod
+    async def reserve(
+        self, scopes: dict[str, Limits], amount: Amount, now: float, ttl_s: float
+    ) -> Reservation | Denial:
+        """All scopes admit ``amount`` and are charged, or none is and the first denial returns."""
+
+    @abc.abstractmethod
+    async def settle(self, reservation: Reservation, actual: Amount, now: float) -> bool:
+        """Swap the reservation for actual usage (zero = release). Idempotent: returns False if
+        the reservation was already settled or swept."""
+
+    @abc.abstractmethod
+    async def counters(self, scopes: dict[str, Limits], now: float) -> dict[str, Counter]:
+        """Current (rolled) counters, read-only."""
+
+    @abc.abstractmethod
+    async def sweep(self, now: float) -> int:
+        """Release reservations past ``expires_at`` (their process died mid-call)."""
+
+    @abc.abstractmethod
+    async def record_usage(self, rec: UsageRecord) -> None: ...
+
+    @abc.abstractmethod
+    async def usage(
+        self, tenant: str | None, subject: str | None, limit: int, before: float | None = None
+    ) -> list[UsageRecord]:
+        """Usage records, newest first."""
+
+    @abc.abstractmethod
+    async def reset_scope(self, scope: str) -> None:
+        """Zero a scope's counters (admin action, tests)."""

@@ -1,0 +1,1 @@
+"""The model broker: identity-scoped, budgeted routing of agents' model calls."""
