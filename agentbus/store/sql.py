@@ -651,19 +651,21 @@ def _entry_pk(ref: SessionRef) -> Iterable[Any]:
     )
 
 
+# PostgreSQL SQLSTATE classes that mean "the server cannot serve now", not "bad request":
+# 08 connection exception, 53 insufficient resources (e.g. too many clients), 57P0x
+# operator intervention (shutdown, restart), 40001/40P01 serialization failure / deadlock.
+_TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57P0", "40001", "40P01")
+_TRANSIENT_SQLITE = ("database is locked", "database is busy", "disk i/o error")
+
+
 def _is_transient(exc: DBAPIError) -> bool:
-    text = str(exc.orig).lower() if exc.orig is not None else ""
-    return any(
-        s in text
-        for s in (
-            "database is locked",
-            "connection",
-            "terminating",
-            "shutting down",
-            "cannot connect",
-            "the database system is",
-        )
-    )
+    """Retryable backend trouble (503), by SQLSTATE on PostgreSQL and by message on SQLite."""
+    orig = exc.orig
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if isinstance(sqlstate, str):
+        return sqlstate.startswith(_TRANSIENT_SQLSTATE_PREFIXES)
+    text = str(orig).lower() if orig is not None else ""
+    return any(s in text for s in _TRANSIENT_SQLITE)
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,0 +1,1 @@
+"""Reproducible benchmarks of agentbus against hand-written baselines (see bench/README.md)."""
