@@ -130,7 +130,7 @@ class Server:
             stderr=log,
             cwd=ROOT,
         )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90  # generous: CI machines can be heavily loaded
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"agentbus exited with {proc.returncode}; see {self.log_dir}")

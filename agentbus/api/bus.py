@@ -23,6 +23,8 @@ from agentbus.store.base import CommitRequest, Store, outcome_body
 router = APIRouter(prefix="/v1", tags=["state bus"])
 
 JSON = "application/json"
+# Versions and seqs are 64-bit in every backend; larger client numbers are bad input (422).
+MAX_INT = 2**62
 
 
 class WriteIn(BaseModel):
@@ -31,7 +33,7 @@ class WriteIn(BaseModel):
     key: str
     value: Any = None
     delete: bool = False
-    expected_version: int | None = Field(None, ge=0, description="0 = the key must not exist")
+    expected_version: int | None = Field(None, ge=0, le=MAX_INT, description="0 = the key must not exist")
 
     @model_validator(mode="after")
     def _value_xor_delete(self) -> WriteIn:
@@ -47,7 +49,7 @@ class ReadIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     key: str
-    version: int = Field(ge=0)
+    version: int = Field(ge=0, le=MAX_INT)
 
 
 class CommitIn(BaseModel):
@@ -108,7 +110,7 @@ async def shard_history(
     key: str,
     who: Reader,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    before_version: Annotated[int | None, Query(ge=1)] = None,
+    before_version: Annotated[int | None, Query(ge=1, le=MAX_INT)] = None,
 ) -> Response:
     settings = settings_of(request)
     ref = await session_ref(request, who, space)
@@ -271,7 +273,7 @@ async def commit_log(
     request: Request,
     space: str,
     who: Reader,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
     ref = await session_ref(request, who, space)
@@ -289,13 +291,15 @@ async def events(
     space: str,
     who: Reader,
     last_event_id: Annotated[str | None, Header()] = None,
-    after: Annotated[int | None, Query(ge=0)] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None,
 ) -> StreamingResponse:
     ref = await session_ref(request, who, space)
     start = after if after is not None else 0
     if last_event_id:
         try:
             start = int(last_event_id)
+            if not 0 <= start <= MAX_INT:
+                raise ValueError(last_event_id)
         except ValueError as exc:
             raise ValidationFailed(
                 "Last-Event-ID must be a commit seq (integer)", code="invalid_last_event_id"
