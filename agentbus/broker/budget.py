@@ -114,7 +114,8 @@ def roll(counter: Counter, limits: Limits, now: float) -> Counter:
 def admit(scope: str, counter: Counter, limits: Limits, amount: Amount, now: float) -> Denial | None:
     """Would reserving ``amount`` keep ``scope`` within its limits? ``counter`` must be rolled."""
     period_end = counter.window_start + limits.window_s if limits.window_s > 0 else math.inf
-    budget_retry = max(1.0, period_end - now) if math.isfinite(period_end) else 0.0
+    # A lifetime budget never resets: no retry can succeed (the HTTP layer omits Retry-After).
+    budget_retry = max(1.0, period_end - now) if math.isfinite(period_end) else math.inf
     minute_retry = max(1.0, counter.minute_start + MINUTE - now)
     checks: list[tuple[str, float | None, float, float, float]] = [
         ("requests", limits.max_requests, counter.requests, 1, budget_retry),
@@ -142,13 +143,31 @@ def reserve(counter: Counter, amount: Amount) -> Counter:
     )
 
 
-def settle(counter: Counter, reserved: Amount, actual: Amount) -> Counter:
-    """Replace the reservation by the actual usage (``actual`` zero = release)."""
+def settle(
+    counter: Counter,
+    reserved: Amount,
+    actual: Amount,
+    *,
+    reserved_at: float | None = None,
+    window_s: float = 0.0,
+    release: bool = False,
+) -> Counter:
+    """Replace the reservation by the actual usage; ``counter`` must be rolled.
+
+    A reservation charged to an earlier window is no longer in this one, so only the actual
+    usage is added. ``release`` (the call failed) also gives back its request in the budget
+    window; the per-minute request count stays, because it limits a rate, not spend.
+    """
+    same_w = reserved_at is None or window_start(reserved_at, window_s) == counter.window_start
+    same_m = reserved_at is None or window_start(reserved_at, MINUTE) == counter.minute_start
+    back = reserved if same_w else Amount()
+    mback = reserved.tokens if same_m else 0
     return replace(
         counter,
-        tokens=max(0, counter.tokens - reserved.tokens + actual.tokens),
-        cost=max(0.0, counter.cost - reserved.cost + actual.cost),
-        minute_tokens=max(0, counter.minute_tokens - reserved.tokens + actual.tokens),
+        tokens=max(0, counter.tokens - back.tokens + actual.tokens),
+        cost=max(0.0, counter.cost - back.cost + actual.cost),
+        requests=max(0, counter.requests - (1 if release and same_w else 0)),
+        minute_tokens=max(0, counter.minute_tokens - mback + actual.tokens),
         inflight=max(0, counter.inflight - 1),
     )
 

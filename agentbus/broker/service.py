@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator
@@ -237,13 +238,17 @@ class Broker:
         if isinstance(res, b.Denial):
             budget = res.reason in ("tokens", "cost", "requests")
             self._record(ctx, None, 0, 0, outcome="denied", status=429)
-            raise RateLimited(
-                res.message(),
+            never = math.isinf(res.retry_after_s)
+            err = RateLimited(
+                res.message() + (" and it does not reset" if never else ""),
                 code="budget_exceeded" if budget else "rate_limited",
-                retry_after_ms=int(res.retry_after_s * 1000),
+                retry_after_ms=None if never else int(res.retry_after_s * 1000),
                 scope=res.scope,
                 limit_kind=res.reason,
             )
+            if never:
+                err.retryable = False
+            raise err
         ctx.reservation = res
 
     def _reservation_ttl(self, ctx: CallContext) -> float:
@@ -253,12 +258,12 @@ class Broker:
             longest = min(longest, remaining / 1000.0)
         return longest + 60.0
 
-    async def _settle(self, ctx: CallContext, tokens_in: int, tokens_out: int) -> None:
+    async def _settle(self, ctx: CallContext, tokens_in: int, tokens_out: int, *, release: bool = False) -> None:
         if ctx.reservation is None:
             return
         actual = b.Amount(tokens=tokens_in + tokens_out, cost=self.price(ctx.upstream_model, tokens_in, tokens_out))
         try:
-            await self.store.budgets.settle(ctx.reservation, actual, time.time())
+            await self.store.budgets.settle(ctx.reservation, actual, time.time(), release=release)
         except AgentbusError:
             # The sweeper releases it later; the call's result must not be lost over this.
             log.warning("settling a budget reservation failed; the sweeper will release it", exc_info=True)
@@ -401,7 +406,7 @@ class Broker:
             return await self._attempts(ctx, incoming_headers)
         except BaseException:
             if ctx.reservation is not None:
-                await self._settle(ctx, 0, 0)
+                await self._settle(ctx, 0, 0, release=True)
             raise
 
     async def _attempts(self, ctx: CallContext, incoming: Any) -> Response:

@@ -185,9 +185,10 @@ class BudgetStore(abc.ABC):
         """All scopes admit ``amount`` and are charged, or none is and the first denial returns."""
 
     @abc.abstractmethod
-    async def settle(self, reservation: Reservation, actual: Amount, now: float) -> bool:
-        """Swap the reservation for actual usage (zero = release). Idempotent: returns False if
-        the reservation was already settled or swept."""
+    async def settle(self, reservation: Reservation, actual: Amount, now: float, *, release: bool = False) -> bool:
+        """Swap the reservation for actual usage; ``release`` marks a failed call (see
+        :func:`agentbus.broker.budget.settle`). Idempotent: returns False if the reservation
+        was already settled or swept."""
 
     @abc.abstractmethod
     async def counters(self, scopes: dict[str, Limits], now: float) -> dict[str, Counter]:

@@ -149,3 +149,58 @@ audit = Table(
     Column("detail", Text, nullable=False),  # JSON object
     Index("ix_audit_tenant_at", "tenant", "at"),
 )
+
+# Budget accounting (agentbus.store.sql_budget). One row per scope ("t:<tenant>" or
+# "p:<tenant>/<subject>"): the fields of agentbus.broker.budget.Counter, plus the window the
+# scope was last reserved under, because settle() must roll the counter without its limits.
+budget_counters = Table(
+    "budget_counters",
+    metadata,
+    Column("scope", Text, primary_key=True),
+    Column("window_s", Float, nullable=False),
+    Column("window_start", Float, nullable=False),
+    Column("tokens", BigInteger, nullable=False),
+    Column("cost", Float, nullable=False),
+    Column("requests", BigInteger, nullable=False),
+    Column("minute_start", Float, nullable=False),
+    Column("minute_requests", BigInteger, nullable=False),
+    Column("minute_tokens", BigInteger, nullable=False),
+    Column("inflight", BigInteger, nullable=False),
+)
+
+budget_reservations = Table(
+    "budget_reservations",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("scopes", Text, nullable=False),  # JSON list of scope keys
+    Column("tokens", BigInteger, nullable=False),
+    Column("cost", Float, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Index("ix_budget_reservations_expires", "expires_at"),
+)
+
+usage = Table(
+    "usage",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("tenant", Text, nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("session", Text, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("upstream_model", Text, nullable=False),
+    Column("endpoint", Text, nullable=False),
+    Column("route", Text, nullable=False),
+    Column("input_tokens", BigInteger, nullable=False),
+    Column("output_tokens", BigInteger, nullable=False),
+    Column("cost", Float, nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Column("ttft_ms", Float, nullable=True),
+    Column("outcome", Text, nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("stream", Boolean, nullable=False),
+    Index("ix_usage_at", "at"),
+    Index("ix_usage_tenant_at", "tenant", "at"),
+    Index("ix_usage_tenant_subject_at", "tenant", "subject", "at"),
+)

@@ -47,6 +47,7 @@ from agentbus.store.schema import (
     spaces,
     tokens,
 )
+from agentbus.store.sql_budget import SQLBudgetStore
 
 
 def async_url(url: str) -> str:
@@ -91,6 +92,7 @@ class SQLStore(Store):
                 pool_recycle=1800,
             )
             self.reader = self.engine
+        self.budgets = SQLBudgetStore(self)
 
     def _sqlite_engine(self, *, immediate: bool) -> AsyncEngine:
         engine = create_async_engine(self.url, pool_size=self.settings.pool_size, max_overflow=0)
