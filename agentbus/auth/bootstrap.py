@@ -42,6 +42,8 @@ def issue_token(
             check_space(sp)
     if expires_in_s is not None and expires_in_s <= 0:
         raise ValidationFailed("expires_in_s must be positive", code="invalid_expiry")
+    if budgets:
+        budgets = _check_budgets(budgets)
     now = time.time()
     plain = token or new_token()
     rec = TokenRecord(
@@ -82,3 +84,21 @@ async def ensure_admin(store: Any, tenant: str, configured: str | None) -> str |
     plain, rec = issue_token(tenant=tenant, subject="admin", kind="admin", description="bootstrap (generated)")
     await store.put_token(rec)
     return plain
+
+
+def _check_budgets(budgets: dict[str, Any]) -> dict[str, Any]:
+    """Token budgets use the broker's limit fields; anything else is refused, not ignored."""
+    from pydantic import ValidationError
+
+    from agentbus.broker.config import LimitsIn
+
+    try:
+        limits = LimitsIn.model_validate(budgets)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ValidationFailed(
+            f"budgets.{where}: {first['msg']} (fields: {', '.join(LimitsIn.model_fields)})",
+            code="invalid_budgets",
+        ) from exc
+    return limits.model_dump(exclude_none=True)
