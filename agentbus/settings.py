@@ -76,6 +76,15 @@ class Settings(BaseSettings):
 
     events_poll_s: float = Field(0.25, gt=0, description="How often SSE streams poll for commits.")
 
+    @field_validator("default_tenant")
+    @classmethod
+    def _tenant_name(cls, v: str) -> str:
+        from agentbus.core.names import SPACE_RE
+
+        if not SPACE_RE.fullmatch(v):
+            raise ValueError("default_tenant must be 1-128 characters of A-Z a-z 0-9 . _ - (it names keys)")
+        return v
+
     @field_validator("sqlite_synchronous")
     @classmethod
     def _sync_mode(cls, v: str) -> str:

@@ -6,7 +6,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from agentbus.api.bus import json_response
-from agentbus.settings import redact_url
 
 router = APIRouter(tags=["health"])
 
@@ -18,5 +17,6 @@ async def healthz() -> Response:
 
 @router.get("/readyz", summary="Readiness: the storage backend answers (503 if not)")
 async def readyz(request: Request) -> Response:
+    # Public route: it says whether the backend answers, never which backend or where.
     await request.app.state.store.ping()
-    return json_response({"status": "ok", "store": redact_url(request.app.state.settings.store)})
+    return json_response({"status": "ok"})

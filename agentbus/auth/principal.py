@@ -40,7 +40,7 @@ class Principal:
 
 
 def check_subject(subject: str) -> str:
-    if not SUBJECT_RE.match(subject):
+    if not SUBJECT_RE.fullmatch(subject):
         raise ValidationFailed("invalid agent id: 1-128 characters of A-Z a-z 0-9 . _ : @ -", code="invalid_agent_id")
     return subject
 

@@ -15,7 +15,7 @@ SESSION_RE = re.compile(r"^[A-Za-z0-9._:@-]{0,128}$")
 
 
 def check_space(space: str) -> str:
-    if not SPACE_RE.match(space):
+    if not SPACE_RE.fullmatch(space):
         raise ValidationFailed(
             "invalid space name: use 1-128 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit",
             code="invalid_space",
@@ -27,7 +27,7 @@ def check_space(space: str) -> str:
 def check_key(key: str, *, max_len: int) -> str:
     if not key or len(key) > max_len:
         raise ValidationFailed(f"invalid key: length must be 1-{max_len} characters", code="invalid_key", key=key[:200])
-    if not KEY_RE.match(key):
+    if not KEY_RE.fullmatch(key):
         raise ValidationFailed(
             "invalid key: allowed characters are A-Z a-z 0-9 and . _ ~ : @ + = / -",
             code="invalid_key",
@@ -49,7 +49,7 @@ def check_prefix(prefix: str, *, max_len: int) -> str:
 
 
 def check_session(session: str) -> str:
-    if not SESSION_RE.match(session):
+    if not SESSION_RE.fullmatch(session):
         raise ValidationFailed(
             "invalid X-Agent-Session: up to 128 characters of A-Z a-z 0-9 . _ : @ -",
             code="invalid_session",
