@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -57,6 +58,17 @@ def serve(
             "allowed on a loopback address (127.0.0.1, ::1, localhost). Enable auth or bind to loopback."
         )
         raise typer.Exit(2)
+    if settings.broker_config or settings.broker_endpoints:
+        from agentbus.broker.config import BrokerConfigError, load_env, load_file
+
+        try:
+            if settings.broker_config:
+                load_file(Path(settings.broker_config))
+            else:
+                load_env(settings.broker_endpoints or "")
+        except BrokerConfigError as exc:
+            err.print(f"[red]invalid broker config:[/] {exc}")
+            raise typer.Exit(2) from exc
     if migrate if migrate is not None else settings.auto_migrate:
         from agentbus.migrate import upgrade
 

@@ -106,3 +106,11 @@ def test_migrate_command_is_idempotent(tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr
     assert "migrated" in out.stderr
     assert run_cli("migrate", "--store", "redis://127.0.0.1:6379/0").returncode == 0
+
+
+def test_serve_refuses_an_invalid_broker_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "broker.yaml"
+    cfg.write_text("endpoints:\n  - {name: a, base_url: 'http://127.0.0.1:1/v1', models: []}\n")
+    out = run_cli("serve", "--no-migrate", env={"AGENTBUS_AUTH": "false", "AGENTBUS_BROKER_CONFIG": str(cfg)})
+    assert out.returncode == 2
+    assert "invalid broker config" in out.stderr and "models" in out.stderr

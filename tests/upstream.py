@@ -1,7 +1,8 @@
 """A deterministic OpenAI-compatible upstream for broker tests, with vLLM-format metrics.
 
 It runs a real uvicorn server in a background thread on 127.0.0.1. Tests steer it through
-its attributes: ``mode`` (ok | error500 | error429 | error400 | hang | reset | garbage),
+its attributes: ``mode`` (ok | error500 | error429 | error400 | hang | garbage; a real TCP reset is
+``RawUpstream`` in tests/test_broker.py),
 ``delay_s``, the gauges it reports on ``/metrics``, and they read what it received in
 ``requests``. Usage numbers are exact (prompt words / completion words), so accounting can
 be checked to the token.
@@ -86,8 +87,6 @@ class FakeUpstream:
                 return JSONResponse({"error": {"message": "bad prompt"}}, status_code=400)
             if mode == "garbage":
                 return PlainTextResponse("<html>not json</html>", status_code=200)
-            if mode == "reset":
-                raise ConnectionResetError  # uvicorn drops the connection without a response
             prompt_tokens = _words(body)
             words = [f"w{i}" for i in range(self.completion_words)]
             if request.url.path.endswith("/embeddings"):

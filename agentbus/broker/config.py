@@ -169,12 +169,24 @@ def parse(data: dict[str, Any], source: str) -> BrokerConfig:
 
 def load_file(path: Path) -> BrokerConfig:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
+        text = path.read_text()
+    except OSError as exc:
         raise BrokerConfigError(f"{path}: cannot read broker config: {exc}") from exc
+    return load_text(text, str(path))
+
+
+def load_text(text: str, source: str) -> BrokerConfig:
+    """Parse a YAML document. An empty one is refused: it is far more often a file caught
+    half-written by a reload than a wish to drop every endpoint."""
+    if not text.strip():
+        raise BrokerConfigError(f"{source}: the broker config is empty")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise BrokerConfigError(f"{source}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise BrokerConfigError(f"{path}: the broker config must be a mapping")
-    return parse(data.get("broker", data), str(path))
+        raise BrokerConfigError(f"{source}: the broker config must be a mapping")
+    return parse(data.get("broker", data), source)
 
 
 def load_env(endpoints_json: str) -> BrokerConfig:

@@ -63,7 +63,8 @@ class EndpointPool:
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
         self.states: dict[str, EndpointState] = {e.name: EndpointState(e) for e in config.endpoints}
-        self._rr = 0
+        # Smooth weighted round robin state: candidate set -> endpoint -> current weight.
+        self._swrr: dict[tuple[str, ...], dict[str, float]] = {}
 
     def reconfigure(self, config: BrokerConfig) -> None:
         """Keep live state of endpoints that survive a config reload."""
@@ -100,6 +101,9 @@ class EndpointPool:
             st.half_open_trial = False
             return
         if not counts_as_failure:
+            # Not the endpoint's fault (an upstream 4xx or 429, the caller went away): a
+            # half-open trial proved nothing either way, so the next call is the trial.
+            st.half_open_trial = False
             return
         st.consecutive_failures += 1
         if st.half_open_trial or st.consecutive_failures >= self.config.circuit.failures:
@@ -134,18 +138,18 @@ class EndpointPool:
         if len(cands) <= 1:
             return cands
         if policy == "round_robin":
-            # Smooth weighted round robin over the current candidates.
-            weights = [c.endpoint.weight for c in cands]
-            total = sum(weights)
-            self._rr = (self._rr + 1) % 1_000_003
-            point = (self._rr * 0.6180339887 % 1.0) * total
-            acc = 0.0
-            first = 0
-            for i, w in enumerate(weights):
-                acc += w
-                if point < acc:
-                    first = i
-                    break
+            # Smooth weighted round robin (as nginx): every candidate gains its weight, the
+            # richest goes first and pays the total. Equal weights strictly alternate; weights
+            # 3:1 give a a b a. State is kept per candidate set, so routes do not disturb
+            # each other.
+            names = tuple(c.endpoint.name for c in cands)
+            if len(self._swrr) > 1024:
+                self._swrr.clear()
+            current = self._swrr.setdefault(names, dict.fromkeys(names, 0.0))
+            for c in cands:
+                current[c.endpoint.name] += c.endpoint.weight
+            first = max(range(len(cands)), key=lambda i: current[names[i]])
+            current[names[first]] -= sum(c.endpoint.weight for c in cands)
             return cands[first:] + cands[:first]
         if policy == "prefix_affinity":
             ranked = sorted(cands, key=lambda c: _rendezvous(prefix_key, c.endpoint.name), reverse=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import hashlib
 import logging
 import math
 import random
@@ -28,7 +29,7 @@ from starlette.types import Receive, Scope, Send
 
 from agentbus.auth.principal import Principal
 from agentbus.broker import budget as b
-from agentbus.broker.config import BrokerConfig, BrokerConfigError, load_env, load_file
+from agentbus.broker.config import BrokerConfig, BrokerConfigError, load_env, load_text
 from agentbus.broker.pool import EndpointPool, EndpointState
 from agentbus.broker.rules import Signals, choose_route, estimate_tokens, signals_of
 from agentbus.core.errors import (
@@ -82,9 +83,13 @@ class Deadline:
 
 def _parse_wallclock(value: str) -> float:
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds):
+            raise BadRequest("X-Agent-Deadline must be a finite time", code="invalid_deadline")
+        return seconds
     try:
         dt = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError as exc:
@@ -119,7 +124,7 @@ class Broker:
         self.pool = EndpointPool(self.config)
         self.client: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._mtime: float | None = None
+        self._digest: str | None = None
         self._pending: set[asyncio.Task[None]] = set()
 
     @property
@@ -153,8 +158,9 @@ class Broker:
     def _load(self) -> BrokerConfig:
         if self.settings.broker_config:
             path = Path(self.settings.broker_config)
-            cfg = load_file(path)
-            self._mtime = path.stat().st_mtime
+            text = _read(path)
+            cfg = load_text(text, str(path))
+            self._digest = _digest(text)
             return cfg
         if self.settings.broker_endpoints:
             return load_env(self.settings.broker_endpoints)
@@ -167,14 +173,16 @@ class Broker:
         while True:
             await asyncio.sleep(self.settings.broker_reload_s)
             try:
-                mtime = (await asyncio.to_thread(path.stat)).st_mtime
-                if mtime == self._mtime:
+                # By content, not mtime: two writes within one timestamp tick still reload.
+                text = await asyncio.to_thread(_read, path)
+                digest = _digest(text)
+                if digest == self._digest:
                     continue
-                cfg = await asyncio.to_thread(load_file, path)
-            except (OSError, BrokerConfigError) as exc:
+                cfg = load_text(text, str(path))
+            except BrokerConfigError as exc:
                 log.error("broker config reload failed, keeping the previous config: %s", exc)
                 continue
-            self._mtime = mtime
+            self._digest = digest
             self.config = cfg
             self.pool.reconfigure(cfg)
             log.warning("broker config reloaded from %s (%d endpoints)", path, len(cfg.endpoints))
@@ -426,6 +434,10 @@ class Broker:
         last_error: AgentbusError | None = None
         for attempt in range(self.config.retry.attempts):
             targets = self._targets(ctx, tried)
+            if not targets and tried:
+                # Every eligible endpoint had its try: the remaining attempts go round again
+                # (after the backoff) instead of being dropped.
+                targets = self._targets(ctx, set())
             if not targets:
                 break
             st = targets[0]
@@ -443,8 +455,13 @@ class Broker:
                     timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
                 )
                 try:
-                    resp = await self.client.send(req, stream=stream)
-                except httpx.TimeoutException:
+                    if stream:
+                        resp = await self.client.send(req, stream=True)
+                    else:
+                        # httpx timeouts bound each read, not the call: a whole-call bound
+                        # keeps an upstream that trickles its answer inside the budget.
+                        resp = await asyncio.wait_for(self.client.send(req), timeout)
+                except (httpx.TimeoutException, TimeoutError):
                     outcome.fail()
                     last_error = UpstreamTimeout(
                         f"endpoint {st.endpoint.name} did not answer within {timeout:.1f}s", code="upstream_timeout"
@@ -644,6 +661,17 @@ class Broker:
                 for key, lim in scopes.items()
             },
         }
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise BrokerConfigError(f"{path}: cannot read broker config: {exc}") from exc
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _int(v: Any, default: Any) -> Any:
