@@ -92,6 +92,10 @@ def serve(
         log_level=log_level,
         lifespan="on",
         access_log=False,
+        # uvicorn would otherwise trust X-Forwarded-For from 127.0.0.1: any local caller could
+        # choose its client address, evade the failed-auth limit and forge the audit log.
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips or None,
     )
 
 

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     auth_fail_limit: int = Field(30, ge=1, description="Failed authentications per client per window before 429.")
     auth_fail_window_s: float = Field(60.0, gt=0)
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; empty = CORS closed.")
+    forwarded_allow_ips: str = Field(
+        "",
+        description="Comma-separated proxy addresses whose X-Forwarded-For names the client (for the failed-auth "
+        "limit and the audit log); empty = trust no one, the TCP peer is the client.",
+    )
     audit_retention_s: float = Field(30 * 86400.0, gt=0)
 
     # Delivery log bounds.

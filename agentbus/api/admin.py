@@ -13,6 +13,7 @@ from agentbus.api.bus import json_response, store_of
 from agentbus.auth.bootstrap import issue_token
 from agentbus.auth.principal import Principal, get_principal, require
 from agentbus.core.errors import NotFound
+from agentbus.core.names import check_space
 
 router = APIRouter(prefix="/v1", tags=["admin"])
 
@@ -30,7 +31,7 @@ class TokenIn(BaseModel):
     scopes: list[str] | None = Field(None, description="Defaults by kind")
     spaces: list[str] | None = Field(None, description="Allow-list of spaces; omitted = all of the tenant")
     expires_in_s: float | None = Field(None, gt=0)
-    description: str = Field("", max_length=500)
+    description: str = Field("", max_length=500, pattern=r"^[^\x00]*$")
     budgets: dict[str, Any] = Field(default_factory=dict, description="Broker budgets (used by the broker)")
 
 
@@ -76,6 +77,8 @@ async def create_token(request: Request, body: TokenIn, who: Admin) -> Response:
 
 @router.get("/admin/tokens", summary="List tokens (no secrets)")
 async def list_tokens(request: Request, who: Admin, tenant: str | None = None) -> Response:
+    if tenant is not None:
+        check_space(tenant)  # tenants follow the space naming rules
     recs = await store_of(request).list_tokens(tenant)
     return json_response({"tokens": [r.public() for r in recs]})
 
@@ -101,5 +104,7 @@ async def audit_log(
 ) -> Response:
     # Operators see their own tenant; only admins may look across tenants.
     scope_tenant = tenant if "admin" in who.scopes else who.tenant
+    if scope_tenant:
+        check_space(scope_tenant)
     events = await store_of(request).audit_log(scope_tenant, limit, before)
     return json_response({"events": [e.to_json() for e in events]})

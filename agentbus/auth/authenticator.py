@@ -39,8 +39,6 @@ class Authenticator:
         return rec
 
     async def authenticate(self, request: Request) -> Principal:
-        client = client_of(request)
-        self.limiter.check(client)
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         token = token.strip()
@@ -73,6 +71,10 @@ class Authenticator:
         )
 
     async def _fail(self, request: Request, reason: str, rec: TokenRecord | None = None) -> None:
+        # Only failures are limited: a valid token is never refused because a neighbour on the
+        # same address (another agent on the host, a NAT, a proxy) keeps sending a bad one.
+        # Past the limit a failure is neither audited nor counted, so a flood costs one lookup.
+        self.limiter.check(client_of(request))
         self.limiter.fail(client_of(request))
         await self.audit(
             request,
@@ -105,12 +107,17 @@ class Authenticator:
         detail: dict[str, Any] | None = None,
     ) -> None:
         """Record an audit event; a failing audit write is logged, never turned into a 500."""
+        if target is None:
+            target = f"{request.method} {request.url.path}" if request else ""
+        # The path is the caller's choice: PostgreSQL text cannot hold NUL (the write would fail
+        # and the denial go unrecorded), and an unbounded path would bloat the log.
+        target = target.replace("\x00", "\\x00")[:512]
         event = AuditEvent(
             at=time.time(),
             tenant=tenant,
             subject=subject,
             action=action,
-            target=target if target is not None else (f"{request.method} {request.url.path}" if request else ""),
+            target=target,
             status=status,
             client=client_of(request) if request else "",
             detail=detail or {},

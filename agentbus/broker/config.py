@@ -98,13 +98,14 @@ class Circuit(Strict):
 
 
 class LimitsIn(Strict):
-    max_tokens: int | None = Field(None, ge=0)
+    # Counters are 64-bit in every store (and orjson cannot write larger ints): cap at 2**62.
+    max_tokens: int | None = Field(None, ge=0, le=2**62)
     max_cost: float | None = Field(None, ge=0)
-    max_requests: int | None = Field(None, ge=0)
+    max_requests: int | None = Field(None, ge=0, le=2**62)
     window_s: float = Field(0.0, ge=0, description="Budget period; 0 = lifetime")
-    rpm: int | None = Field(None, ge=0)
-    tpm: int | None = Field(None, ge=0)
-    max_concurrent: int | None = Field(None, ge=0)
+    rpm: int | None = Field(None, ge=0, le=2**62)
+    tpm: int | None = Field(None, ge=0, le=2**62)
+    max_concurrent: int | None = Field(None, ge=0, le=2**62)
 
 
 class BrokerConfig(Strict):
