@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agentbus.auth.principal import Principal, require, space_not_found
@@ -20,7 +22,37 @@ from agentbus.core.names import check_key, check_prefix, check_space, check_valu
 from agentbus.settings import Settings
 from agentbus.store.base import CommitRequest, Store, outcome_body
 
-router = APIRouter(prefix="/v1", tags=["state bus"])
+
+class StrictJSONRequest(Request):
+    """Request bodies must be RFC 8259 JSON: UTF-8 and no NaN/Infinity (json.loads accepts
+    both; NaN would then be stored as null)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            raw = await self.body()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise json.JSONDecodeError("request body is not UTF-8", "", exc.start) from exc
+            self._json = json.loads(text, parse_constant=_reject_constant)
+        return self._json
+
+
+def _reject_constant(name: str) -> Any:
+    raise json.JSONDecodeError(f"{name} is not valid JSON", name, 0)
+
+
+class StrictJSONRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict_handler(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict_handler
+
+
+router = APIRouter(prefix="/v1", tags=["state bus"], route_class=StrictJSONRoute)
 
 JSON = "application/json"
 # Versions and seqs are 64-bit in every backend; larger client numbers are bad input (422).
@@ -28,7 +60,7 @@ MAX_INT = 2**62
 
 
 class WriteIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     key: str
     value: Any = None
@@ -46,14 +78,14 @@ class WriteIn(BaseModel):
 
 
 class ReadIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     key: str
     version: int = Field(ge=0, le=MAX_INT)
 
 
 class CommitIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     writes: list[WriteIn] = Field(min_length=1)
     reads: list[ReadIn] = Field(default_factory=list)
@@ -159,12 +191,14 @@ async def list_shards(
     space: str,
     who: Reader,
     prefix: str = "",
-    limit: Annotated[int, Query(ge=1)] = 100,
+    limit: Annotated[int | None, Query(ge=1)] = None,
     cursor: str | None = None,
 ) -> Response:
     settings = settings_of(request)
     ref = await session_ref(request, who, space)
     check_prefix(prefix, max_len=settings.max_key_length)
+    if limit is None:
+        limit = min(100, settings.max_list_limit)
     if limit > settings.max_list_limit:
         raise ValidationFailed(f"limit must be at most {settings.max_list_limit}", code="limit_too_large")
     start_after = decode_cursor(cursor) if cursor else None

@@ -31,18 +31,27 @@ class BodyLimit:
                     return
         seen = 0
         response_started = False
+        exceeded = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    exceeded = True
                     raise _TooLarge
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal response_started
+            if exceeded:
+                # The app caught _TooLarge (FastAPI turns any body error into a 400): answer
+                # 413 in its place and drop whatever the app sends.
+                if not response_started:
+                    response_started = True
+                    await error_response(too_large)(scope, receive, send)
+                return
             if message["type"] == "http.response.start":
                 response_started = True
             await send(message)
