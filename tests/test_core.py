@@ -637,3 +637,12 @@ def test_conflict_item_json_fields() -> None:
         "committed_by": "bob",
         "commit_seq": 9,
     }
+
+
+@pytest.mark.parametrize("bad", ["!!!", "a b", "%%%%", "zz", "AAAA"])
+def test_garbage_cursors_are_refused(bad: str) -> None:
+    from agentbus.core.errors import ValidationFailed
+    from agentbus.core.names import decode_cursor
+
+    with pytest.raises(ValidationFailed):
+        decode_cursor(bad)

@@ -72,8 +72,12 @@ def encode_cursor(key: str) -> str:
 
 
 def decode_cursor(cursor: str) -> str:
+    """Cursors are what :func:`encode_cursor` made; anything else is refused, not skipped."""
     try:
         pad = "=" * (-len(cursor) % 4)
-        return base64.urlsafe_b64decode(cursor + pad).decode()
+        key = base64.b64decode(cursor + pad, altchars=b"-_", validate=True).decode()
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValidationFailed("invalid cursor", code="invalid_cursor") from exc
+    if not key or not KEY_RE.fullmatch(key):
+        raise ValidationFailed("invalid cursor", code="invalid_cursor")
+    return key
