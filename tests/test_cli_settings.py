@@ -114,3 +114,38 @@ def test_serve_refuses_an_invalid_broker_config(tmp_path: Path) -> None:
     out = run_cli("serve", "--no-migrate", env={"AGENTBUS_AUTH": "false", "AGENTBUS_BROKER_CONFIG": str(cfg)})
     assert out.returncode == 2
     assert "invalid broker config" in out.stderr and "models" in out.stderr
+
+
+def test_purge_drops_expired_epochs_idempotency_and_audit(tmp_path: Path) -> None:
+    """Housekeeping keeps what is still needed and drops only what is past its retention."""
+    import asyncio
+
+    from agentbus.auth.tokens import AuditEvent
+    from agentbus.core.model import SessionRef, WriteOp
+    from agentbus.store.base import CommitRequest
+    from agentbus.store.sql import SQLStore
+
+    url = f"sqlite:///{tmp_path / 'purge.db'}"
+    upgrade(url)
+    settings = Settings(store=url, readset_retention_s=100, idempotency_ttl_s=100, audit_retention_s=100)
+
+    async def main() -> None:
+        store = SQLStore(settings)
+        await store.start()
+        clock = [1_000_000.0]
+        store.now = lambda: clock[0]  # type: ignore[method-assign]
+        ref = SessionRef("t", "s", "a")
+        await store.read(ref, "k")  # an epoch
+        await store.commit(ref, CommitRequest((WriteOp("k", "1"),), {}, "idem-1", "fp"))
+        await store.read(ref, "k")  # a new epoch after the commit
+        await store.record_audit(AuditEvent(at=clock[0], tenant="t", subject="a", action="x", target="y", status=401))
+        assert await store.purge() == 0  # nothing is old yet
+        clock[0] += 101
+        assert await store.purge() == 3  # the epoch, the idempotency record, the audit event
+        rows = await store.count_rows()
+        assert (rows["readset_epochs"], rows["readset_entries"], rows["idempotency"]) == (0, 0, 0)
+        assert await store.audit_log(None, 10) == []
+        assert rows["commits"] == 1  # data is never purged
+        await store.close()
+
+    asyncio.run(main())

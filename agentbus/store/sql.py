@@ -482,7 +482,8 @@ class SQLStore(Store):
                 await conn.execute(delete(table).where(table.c.tenant == tenant))
 
     async def purge(self) -> int:
-        """Drop epochs past their retention and expired idempotency records."""
+        """Drop epochs past their retention, expired idempotency records and audit events
+        older than ``audit_retention_s``."""
         now = self.now()
         async with self._tx() as conn:
             old = (
@@ -495,7 +496,8 @@ class SQLStore(Store):
             res = await conn.execute(
                 delete(idempotency).where(idempotency.c.created_at < now - self.settings.idempotency_ttl_s)
             )
-        return len(old) + int(res.rowcount or 0)
+            aud = await conn.execute(delete(audit).where(audit.c.at < now - self.settings.audit_retention_s))
+        return len(old) + int(res.rowcount or 0) + int(aud.rowcount or 0)
 
     async def count_rows(self) -> dict[str, int]:
         """Row counts per table, for tests and the operator."""
