@@ -201,6 +201,31 @@ def make_store(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> 
     return url
 
 
+def dev_env() -> dict[str, str]:
+    """Environment of a test server: dev mode (X-Agent-Id names the caller), own Redis prefix."""
+    return {"AGENTBUS_REDIS_PREFIX": f"t{uuid.uuid4().hex[:8]}", "AGENTBUS_AUTH": "false"}
+
+
+def module_server(
+    name: str,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    *,
+    env: dict[str, str] | None = None,
+    n: int = 1,
+) -> Iterator[Server]:
+    """Body of a module-scoped server fixture parametrized by backend: ``n`` processes per
+    backend sharing one store for a whole module, which keeps suites fast (tests use unique
+    spaces). ``env`` adds settings such as small limits."""
+    tmp = tmp_path_factory.mktemp(f"{name}-{request.param}")
+    srv = Server(store=make_store(request.param, request, tmp), env={**dev_env(), **(env or {})}, log_dir=tmp)
+    try:
+        srv.start(n)
+        yield srv
+    finally:
+        srv.stop()
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -216,8 +241,8 @@ def server_factory(backend: str, request: pytest.FixtureRequest, tmp_path: Path)
     def factory(n: int = 1, *, workers: int = 1, **env: str) -> Server:
         # Dev mode (no tokens) unless a test asks for auth=true: most tests are about the bus.
         full_env = {
+            **dev_env(),
             "AGENTBUS_REDIS_PREFIX": prefix,
-            "AGENTBUS_AUTH": "false",
             **{f"AGENTBUS_{k.upper()}": str(v) for k, v in env.items()},
         }
         srv = Server(store=store, env=full_env, log_dir=tmp_path)

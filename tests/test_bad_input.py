@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import BACKENDS, Server, make_store
+from tests.conftest import BACKENDS, Server, module_server
 
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 LIMITS = {
@@ -36,15 +36,7 @@ STACK_TRACE_MARKERS = ("Traceback", 'File "', "line ", "Error:", "site-packages"
 @pytest.fixture(scope="module", params=BACKENDS)
 def bus(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One agentbus process per backend, with small limits, for the whole module."""
-    tmp = tmp_path_factory.mktemp(f"bad-input-{request.param}")
-    store = make_store(request.param, request, tmp)
-    env = {"AGENTBUS_REDIS_PREFIX": f"t{uuid.uuid4().hex[:8]}", "AGENTBUS_AUTH": "false", **LIMITS}
-    srv = Server(store=store, env=env, log_dir=tmp)
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.stop()
+    yield from module_server("bad-input", request, tmp_path_factory, env=LIMITS)
 
 
 @pytest.fixture(scope="module")

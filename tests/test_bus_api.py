@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import BACKENDS, Server, make_store
+from tests.conftest import BACKENDS, Server, module_server
 
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 MAX_ENTRIES = 25
@@ -27,21 +26,11 @@ CONFLICT_FIELDS = {"key", "kind", "read_version", "current_version", "committed_
 @pytest.fixture(scope="module", params=BACKENDS)
 def bus(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One agentbus process per backend for the whole module (tests use unique spaces)."""
-    tmp = tmp_path_factory.mktemp(f"bus-api-{request.param}")
-    store = make_store(request.param, request, tmp)
-    env = {
-        "AGENTBUS_REDIS_PREFIX": f"t{uuid.uuid4().hex[:8]}",
-        "AGENTBUS_AUTH": "false",
-        # Small enough for test_read_set_overflow_gives_410 to exceed cheaply; no other test
-        # commits after recording more than 15 entries in one epoch.
-        "AGENTBUS_READSET_MAX_ENTRIES": str(MAX_ENTRIES),
-    }
-    srv = Server(store=store, env=env, log_dir=tmp)
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.stop()
+    # Small enough for test_read_set_overflow_gives_410 to exceed cheaply; no other test
+    # commits after recording more than 15 entries in one epoch.
+    yield from module_server(
+        "bus-api", request, tmp_path_factory, env={"AGENTBUS_READSET_MAX_ENTRIES": str(MAX_ENTRIES)}
+    )
 
 
 # --------------------------------------------------------------------------- helpers

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import BACKENDS, Server, make_store
+from tests.conftest import BACKENDS, Server, module_server
 from tests.history import (
     Agent,
     History,
@@ -28,16 +28,7 @@ TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 @pytest.fixture(scope="module", params=BACKENDS)
 def bus(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One agentbus process per backend for the whole module (tests use unique spaces)."""
-    tmp = tmp_path_factory.mktemp(f"concurrency-{request.param}")
-    store = make_store(request.param, request, tmp)
-    # Like conftest's server_factory: dev mode (X-Agent-Id names the caller), own Redis prefix.
-    env = {"AGENTBUS_REDIS_PREFIX": f"t{uuid.uuid4().hex[:8]}", "AGENTBUS_AUTH": "false"}
-    srv = Server(store=store, env=env, log_dir=tmp)
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.stop()
+    yield from module_server("concurrency", request, tmp_path_factory)
 
 
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 300.0) -> Any:

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import BACKENDS, Server, make_store
+from tests.conftest import BACKENDS, Server, module_server
 
 READ_TIMEOUT = 15.0  # longer than the server's 15 s keep-alive is not needed: commits come sooner
 
@@ -25,15 +24,7 @@ READ_TIMEOUT = 15.0  # longer than the server's 15 s keep-alive is not needed: c
 def bus(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """Two agentbus processes per backend, sharing one store, for the whole module (tests
     use unique spaces)."""
-    tmp = tmp_path_factory.mktemp(f"events-{request.param}")
-    store = make_store(request.param, request, tmp)
-    env = {"AGENTBUS_REDIS_PREFIX": f"t{uuid.uuid4().hex[:8]}", "AGENTBUS_AUTH": "false"}
-    srv = Server(store=store, env=env, log_dir=tmp)
-    try:
-        srv.start(2)  # two processes sharing the store; most tests use the first
-        yield srv
-    finally:
-        srv.stop()
+    yield from module_server("events", request, tmp_path_factory, n=2)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import BACKENDS, Server, make_store
+from tests.conftest import BACKENDS, Server, make_store, module_server
 from tests.history import (
     Agent,
     History,
@@ -305,15 +305,7 @@ def test_checker_requires_unique_values() -> None:
 @pytest.fixture(scope="module", params=BACKENDS)
 def bus(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One agentbus process per backend, reused by every Hypothesis example (unique spaces)."""
-    tmp = tmp_path_factory.mktemp(f"serializability-{request.param}")
-    store = make_store(request.param, request, tmp)
-    env = {"AGENTBUS_REDIS_PREFIX": f"t{uuid.uuid4().hex[:8]}", "AGENTBUS_AUTH": "false"}
-    srv = Server(store=store, env=env, log_dir=tmp)
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.stop()
+    yield from module_server("serializability", request, tmp_path_factory)
 
 
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 300.0) -> Any:

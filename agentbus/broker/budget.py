@@ -14,7 +14,7 @@ window. ``inflight`` counts calls between reserve and settle/release.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 MINUTE = 60.0
@@ -70,6 +70,10 @@ class Counter:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# The stored fields of a counter, in one place for every backend.
+COUNTER_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Counter))
 
 
 @dataclass(frozen=True, slots=True)

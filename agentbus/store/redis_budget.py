@@ -50,16 +50,7 @@ USAGE_CAP = 10_000
 # Sweep reads expired reservations of a tenant in pages of this size.
 SWEEP_BATCH = 500
 
-_FIELDS = (
-    "window_start",
-    "tokens",
-    "cost",
-    "requests",
-    "minute_start",
-    "minute_requests",
-    "minute_tokens",
-    "inflight",
-)
+_FIELDS = b.COUNTER_FIELDS
 # Redis error replies that mean "not now", not "bad request": they become 503s.
 _TRANSIENT_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN", "OOM")
 _UNAVAILABLE: tuple[type[BaseException], ...] = (

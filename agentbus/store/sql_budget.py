@@ -38,16 +38,7 @@ if TYPE_CHECKING:
 # outage never holds the write lock for long.
 SWEEP_BATCH = 500
 
-_COUNTER_FIELDS = (
-    "window_start",
-    "tokens",
-    "cost",
-    "requests",
-    "minute_start",
-    "minute_requests",
-    "minute_tokens",
-    "inflight",
-)
+_COUNTER_FIELDS = b.COUNTER_FIELDS
 
 
 # (scopes, reserved, actual, reserved_at, release)
