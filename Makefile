@@ -11,10 +11,14 @@ LLAMA_STAMP := $(LLAMA_VENV)/.installed
 
 .PHONY: run test lint bench clean model-server
 
-$(STAMP): pyproject.toml
+# The SDK and the framework adapters are separate packages (installable on their own);
+# the test environment installs them all, editable.
+EXTRA_PKGS := sdk adapters/langgraph adapters/autogen
+
+$(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(EXTRA_PKGS))
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q $(addprefix -e ./,$(EXTRA_PKGS)) -e '.[test]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -30,7 +34,7 @@ $(LLAMA_STAMP):
 model-server: $(LLAMA_STAMP)
 
 test: $(STAMP) $(LLAMA_STAMP)
-	$(BIN)/ruff check agentbus tests bench migrations examples
+	$(BIN)/ruff check agentbus tests bench migrations examples sdk adapters
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -1,0 +1,1 @@
+"""AutoGen integration for agentbus (being built)."""

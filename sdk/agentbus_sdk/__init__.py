@@ -1,0 +1,1 @@
+"""Python client for agentbus (being built)."""
