@@ -10,19 +10,23 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from agentbus import __version__
-from agentbus.api import admin, broker, bus, errors, health
+from agentbus.api import admin, broker, bus, errors, health, traces
 from agentbus.api.limits import BodyLimit, SecurityHeaders
 from agentbus.auth.authenticator import Authenticator
 from agentbus.auth.bootstrap import ensure_admin
 from agentbus.broker.service import Broker
 from agentbus.settings import Settings
 from agentbus.store import open_store
+from agentbus.telemetry import Telemetry
+from agentbus.telemetry.middleware import TracingMiddleware
+from agentbus.ui import routes as ui_routes
 
 log = logging.getLogger("agentbus")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    telemetry = Telemetry(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -32,15 +36,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.authenticator = Authenticator(store, settings)
         if settings.auth and settings.bootstrap_admin_token is not None:
             await ensure_admin(store, settings.default_tenant, settings.bootstrap_admin_token.get_secret_value())
+        await telemetry.start(store)
         broker = Broker(settings, store)
+        broker.telemetry = telemetry
         await broker.start()
         app.state.broker = broker
         purger = asyncio.create_task(_purge_forever(store))
         try:
-            yield
+            # The MCP endpoint's session manager lives exactly as long as the app.
+            async with app.state.mcp.run(app) if app.state.mcp else contextlib.nullcontext():
+                yield
         finally:
             purger.cancel()
             await broker.close()
+            await telemetry.close()
             await store.close()
 
     app = FastAPI(
@@ -51,11 +60,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.commit_signal = bus.CommitSignal()
+    app.state.telemetry = telemetry
     errors.install(app)
     app.include_router(health.router)
     app.include_router(bus.router)
     app.include_router(admin.router)
     app.include_router(broker.router)
+    app.include_router(traces.router)
+    app.state.mcp = None
+    if settings.mcp_enabled:
+        from agentbus.mcp.server import McpMount
+
+        app.state.mcp = McpMount(settings)
+        app.add_route("/mcp", app.state.mcp, methods=["GET", "POST", "DELETE"], include_in_schema=False)
+    app.include_router(ui_routes.router)
     if settings.sbus_compat:
         from agentbus.api import sbus
 
@@ -70,8 +88,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Agent-Session", "Last-Event-ID"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "Idempotency-Key",
+                "X-Agent-Session",
+                "X-Agent-Space",
+                "Last-Event-ID",
+            ],
         )
+    app.add_middleware(TracingMiddleware, telemetry=telemetry)  # outermost: the server span covers everything
     return app
 
 

@@ -11,7 +11,9 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from agentbus.mcp.cli import mcp_command
 from agentbus.settings import Settings, redact_url
+from agentbus.telemetry.cli import register as register_telemetry_commands
 
 app = typer.Typer(
     help=(
@@ -75,6 +77,9 @@ def serve(
         upgrade(settings.store)
     if settings.auth:
         _bootstrap(settings)
+    from agentbus.telemetry.metrics import prepare_multiprocess
+
+    prepare_multiprocess(settings.workers)  # /metrics sums all workers
     # Workers are separate processes: they rebuild Settings from the environment.
     for name, val in overrides.items():
         os.environ[f"AGENTBUS_{name.upper()}"] = str(val)
@@ -152,6 +157,10 @@ def _bootstrap(settings: Settings) -> None:
             "Create agent tokens with: agentbus token create --subject AGENT_ID"
         )
 
+
+app.command("mcp")(mcp_command)
+
+register_telemetry_commands(app)  # agentbus trace, agentbus top
 
 token_app = typer.Typer(help="Create, list and revoke bearer tokens (works directly on AGENTBUS_STORE).")
 app.add_typer(token_app, name="token")

@@ -81,6 +81,27 @@ class Settings(BaseSettings):
 
     events_poll_s: float = Field(0.25, gt=0, description="How often SSE streams poll for commits.")
 
+    # MCP server at /mcp (streamable HTTP); `agentbus mcp` serves the same tools over stdio.
+    mcp_enabled: bool = Field(True, description="Serve the MCP endpoint /mcp.")
+    mcp_stateless: bool = Field(
+        False,
+        description="Serve /mcp without MCP sessions, so any worker or host can answer any request (no sticky "
+        "routing needed); each agent then has one MCP read set unless its client sends X-Agent-Session.",
+    )
+
+    # Traces (OTLP export is configured by the standard OTEL_* variables) and /metrics.
+    trace_store: bool = Field(True, description="Keep bus and broker events in the backend for /v1/spaces/*/trace.")
+    trace_retention_s: float = Field(86400.0, gt=0, description="Timeline events older than this are pruned.")
+    trace_max_events_per_space: int = Field(100_000, ge=1, description="Newest events kept per space.")
+    trace_flush_s: float = Field(0.5, gt=0, description="How often buffered timeline events are written.")
+    trace_prune_s: float = Field(60.0, gt=0, description="How often old timeline events are pruned.")
+    metrics_public: bool | None = Field(
+        None,
+        description="Serve /metrics without a token; default: only when bound to loopback or with auth off. "
+        "Otherwise it needs AGENTBUS_METRICS_TOKEN or a token with traces:read or admin.",
+    )
+    metrics_token: SecretStr | None = Field(None, description="A bearer token for Prometheus to scrape /metrics.")
+
     @field_validator("default_tenant")
     @classmethod
     def _tenant_name(cls, v: str) -> str:
@@ -120,6 +141,7 @@ class Settings(BaseSettings):
         data = self.model_dump()
         data["store"] = redact_url(self.store)
         data["bootstrap_admin_token"] = "***" if self.bootstrap_admin_token else None
+        data["metrics_token"] = "***" if self.metrics_token else None
         return data
 
 

@@ -57,6 +57,10 @@ PUBLIC: dict[str, str] = {
     "GET /docs": "static Swagger UI page; every call it makes needs a token",
     "GET /docs/oauth2-redirect": "static helper page of the Swagger UI",
     "GET /redoc": "static ReDoc page; contains no data",
+    "GET /metrics": "Prometheus counters, no shard data; open only on a loopback bind or in dev mode "
+    "(else AGENTBUS_METRICS_TOKEN or a traces:read token)",
+    "GET /ui": "static operator page; contains no data, every call it makes needs a token",
+    "GET /ui/static/{name}": "fixed set of static assets of the operator page (JS, CSS); no data",
 }
 """Routes answered without a token, and why that is safe."""
 
@@ -134,6 +138,13 @@ ROUTES: dict[str, RouteSpec] = {
     "DELETE /v1/spaces/{space}/readset": RouteSpec("bus:read"),
     "GET /v1/spaces/{space}/log": RouteSpec("bus:read"),
     "GET /v1/spaces/{space}/events": RouteSpec("bus:read"),
+    # operator views
+    "GET /v1/spaces/{space}/trace": RouteSpec("traces:read"),
+    "GET /v1/usage": RouteSpec("traces:read"),
+    # MCP: any valid token opens a session; each tool call is then checked by the bus itself
+    "GET /mcp": RouteSpec(None),
+    "POST /mcp": RouteSpec(None),
+    "DELETE /mcp": RouteSpec(None),
     # identity and admin
     "GET /v1/whoami": RouteSpec(None),
     "POST /v1/admin/tokens": RouteSpec("admin", _token_body, _no_token_created),
@@ -387,7 +398,9 @@ def setup(sec: Sec) -> None:
     sec.mint("carol")  # a second agent of tenant A
     sec.mint("reader", scopes=["bus:read"])
     sec.mint("op", kind="operator")
-    sec.mint("allow", spaces=[f"allowed-{sec.uid}"])
+    sec.mint(
+        "allow", spaces=[f"allowed-{sec.uid}"], scopes=["bus:read", "bus:write", "broker:invoke", "traces:read"]
+    )
     sec.mint("bob", tenant=sec.tb)
     sec.mint("opb", tenant=sec.tb, kind="operator")
     # One token per scope holding everything else, and one holding only that scope.

@@ -21,6 +21,7 @@ from agentbus.core.model import SessionRef, Shard, WriteOp
 from agentbus.core.names import check_key, check_prefix, check_space, check_value_size, decode_cursor
 from agentbus.settings import Settings
 from agentbus.store.base import CommitRequest, Store, outcome_body
+from agentbus.telemetry.spans import bus_span
 
 
 class StrictJSONRequest(Request):
@@ -175,7 +176,9 @@ async def read_shard(request: Request, space: str, key: str, who: Reader) -> Res
     settings = settings_of(request)
     ref = await session_ref(request, who, space)
     check_key(key, max_len=settings.max_key_length)
-    shard = await store_of(request).read(ref, key)
+    with bus_span(request, "read", ref) as sp:
+        shard = await store_of(request).read(ref, key)
+        sp.read(key, shard)
     if shard is None:
         raise NotFound(
             f"shard {key!r} does not exist in space {space!r}; recorded in your read set as absent",
@@ -204,7 +207,9 @@ async def list_shards(
     start_after = decode_cursor(cursor) if cursor else None
     if start_after is not None and not start_after.startswith(prefix):
         raise ValidationFailed("cursor does not belong to this prefix", code="invalid_cursor")
-    listing = await store_of(request).list(ref, prefix, start_after, limit)
+    with bus_span(request, "list", ref) as sp:
+        listing = await store_of(request).list(ref, prefix, start_after, limit)
+        sp.listed(prefix, listing)
     return json_response(
         {
             "shards": [
@@ -227,7 +232,9 @@ async def commit(
     settings = settings_of(request)
     ref = await session_ref(request, who, space)
     req = build_commit_request(settings, body, idempotency_key)
-    outcome = await store_of(request).commit(ref, req)
+    with bus_span(request, "commit", ref) as sp:
+        outcome = await store_of(request).commit(ref, req)
+        sp.committed(req, outcome)
     if outcome.stored is not None and outcome.stored.fingerprint != req.fingerprint:
         raise ValidationFailed(
             "this Idempotency-Key was already used with a different request body",

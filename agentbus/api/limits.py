@@ -76,6 +76,12 @@ _COMMON_HEADERS = [
 # The API serves JSON and SSE only; the interactive docs load their own assets.
 _API_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
 _DOC_PATHS = ("/docs", "/redoc", "/openapi.json")
+# The operator page (/ui) loads only its own script and style and calls only this origin.
+_UI_CSP = (
+    b"content-security-policy",
+    b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+)
 
 
 class SecurityHeaders:
@@ -88,14 +94,16 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        is_doc = scope.get("path", "").startswith(_DOC_PATHS)
+        path = scope.get("path", "")
+        is_doc = path.startswith(_DOC_PATHS)
+        csp = _UI_CSP if path == "/ui" or path.startswith("/ui/") else _API_CSP
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 present = {k.lower() for k, _ in message.get("headers", [])}
                 extra = [(k, v) for k, v in _COMMON_HEADERS if k not in present]
                 if not is_doc:
-                    extra.append(_API_CSP)
+                    extra.append(csp)
                 message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 

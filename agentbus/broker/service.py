@@ -44,6 +44,7 @@ from agentbus.core.errors import (
 )
 from agentbus.settings import Settings
 from agentbus.store.base import Reservation, Store, UsageRecord
+from agentbus.telemetry import spans as tel
 
 log = logging.getLogger("agentbus.broker")
 
@@ -114,6 +115,7 @@ class CallContext:
     deadline: Deadline
     started: float
     reservation: Reservation | None = None
+    span: Any = None  # agentbus.telemetry.spans.BrokerTrace
 
 
 class Broker:
@@ -126,6 +128,7 @@ class Broker:
         self._tasks: list[asyncio.Task[None]] = []
         self._digest: str | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self.telemetry: Any = None  # agentbus.telemetry.Telemetry, set by the app
 
     @property
     def configured(self) -> bool:
@@ -307,6 +310,7 @@ class Broker:
             status=status,
             stream=stream,
         )
+        tel.broker_finish(self, ctx, rec)
         task = asyncio.get_running_loop().create_task(self._store_usage(rec))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
@@ -378,6 +382,7 @@ class Broker:
         for name in PASS_HEADERS:
             if incoming.get(name):
                 h[name] = incoming[name]
+        tel.inject(h)  # the broker call's own span as the upstream's parent
         return h
 
     def _timeout(self, ctx: CallContext, st: EndpointState) -> float:
@@ -406,16 +411,17 @@ class Broker:
         await asyncio.sleep(delay / 1000.0)
 
     async def call(self, ctx: CallContext, incoming_headers: Any) -> Response:
-        remaining = ctx.deadline.remaining_ms()
-        if remaining is not None and remaining <= 0:
-            raise UpstreamTimeout("the caller's time budget is already exhausted", code="deadline_exceeded")
-        await self._reserve(ctx)
-        try:
-            return await self._attempts(ctx, incoming_headers)
-        except BaseException:
-            if ctx.reservation is not None:
-                await self._settle(ctx, 0, 0, release=True)
-            raise
+        with tel.broker_span(self, ctx, incoming_headers):
+            remaining = ctx.deadline.remaining_ms()
+            if remaining is not None and remaining <= 0:
+                raise UpstreamTimeout("the caller's time budget is already exhausted", code="deadline_exceeded")
+            await self._reserve(ctx)
+            try:
+                return await self._attempts(ctx, incoming_headers)
+            except BaseException:
+                if ctx.reservation is not None:
+                    await self._settle(ctx, 0, 0, release=True)
+                raise
 
     async def _attempts(self, ctx: CallContext, incoming: Any) -> Response:
         assert self.client is not None

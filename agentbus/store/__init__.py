@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from agentbus.core.errors import BadRequest
 from agentbus.settings import Settings
-from agentbus.store.base import Store
+from agentbus.store.base import Store, TraceStore
 
 
 def open_store(settings: Settings, url: str | None = None) -> Store:
@@ -19,3 +19,17 @@ def open_store(settings: Settings, url: str | None = None) -> Store:
 
         return RedisStore(settings, url)
     raise BadRequest(f"unsupported AGENTBUS_STORE scheme {scheme!r}: use sqlite://, postgresql:// or redis://")
+
+
+def open_trace_store(store: Store) -> TraceStore:
+    """The timeline store living in the same backend as ``store``."""
+    s = store.settings
+    from agentbus.store.sql import SQLStore
+
+    if isinstance(store, SQLStore):
+        from agentbus.store.sql_traces import SQLTraceStore
+
+        return SQLTraceStore(store, s.trace_retention_s, s.trace_max_events_per_space)
+    from agentbus.store.redis_traces import RedisTraceStore
+
+    return RedisTraceStore(store, s.trace_retention_s, s.trace_max_events_per_space)  # type: ignore[arg-type]

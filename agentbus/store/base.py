@@ -210,3 +210,45 @@ class BudgetStore(abc.ABC):
     @abc.abstractmethod
     async def reset_scope(self, scope: str) -> None:
         """Zero a scope's counters (admin action, tests)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TraceEvent:
+    """One entry of a space's timeline (a bus read/list/commit/conflict or a model call),
+    derived from its span and kept in the backend for ``GET /v1/spaces/{space}/trace``.
+
+    ``data`` holds the kind-specific fields (key, version, keys, conflicts, model, tokens, ...);
+    ``id`` is the backend's opaque, increasing cursor (empty until stored)."""
+
+    tenant: str
+    space: str
+    ts: float
+    agent: str
+    session: str
+    kind: str  # read | list | commit | conflict | model_call
+    trace_id: str
+    span_id: str
+    data: dict[str, Any]
+    id: str = ""
+
+
+class TraceStore(abc.ABC):
+    """Timeline events in the backend, with bounded retention (age and count per space)."""
+
+    def __init__(self, retention_s: float, max_per_space: int) -> None:
+        self.retention_s = retention_s
+        self.max_per_space = max_per_space
+
+    @abc.abstractmethod
+    async def append(self, events: list[TraceEvent]) -> None:
+        """Store events (any spaces, any tenants) in the given order."""
+
+    @abc.abstractmethod
+    async def events(self, tenant: str, space: str, after: str | None, limit: int) -> list[TraceEvent]:
+        """Events of one space stored after cursor ``after`` (None = from the oldest kept), oldest
+        first. Raise :class:`ValidationFailed` for a cursor this backend never issued."""
+
+    @abc.abstractmethod
+    async def prune(self, now: float, spaces: set[tuple[str, str]] | None = None) -> int:
+        """Drop events older than ``retention_s``, and beyond ``max_per_space`` in ``spaces``
+        ((tenant, space) pairs; None = every space); returns how many."""

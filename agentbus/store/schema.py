@@ -204,3 +204,22 @@ usage = Table(
     Index("ix_usage_tenant_at", "tenant", "at"),
     Index("ix_usage_tenant_subject_at", "tenant", "subject", "at"),
 )
+
+# Timeline events of spaces (agentbus.store.sql_traces): bus reads/lists/commits/conflicts and
+# model calls, derived from their spans; pruned by age and count per space.
+trace_events = Table(
+    "trace_events",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("tenant", Text, nullable=False),
+    Column("space", Text, nullable=False),
+    Column("ts", Float, nullable=False),
+    Column("agent", Text, nullable=False),
+    Column("session", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("trace_id", Text, nullable=False),
+    Column("span_id", Text, nullable=False),
+    Column("data", Text, nullable=False),  # JSON object of the kind-specific fields
+    Index("ix_trace_events_space_id", "tenant", "space", "id"),
+    Index("ix_trace_events_ts", "ts"),
+)

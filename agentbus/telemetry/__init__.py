@@ -1,0 +1,85 @@
+"""Traces, timeline events and metrics (SPEC: "Traces").
+
+One :class:`Telemetry` per app: its own tracer provider (exporters from the OTEL_*
+variables, see :mod:`.tracing`), the sink that keeps timeline events in the backend
+(:mod:`.sink`), and the read-set tally for metrics. Spans are made in :mod:`.spans`, the
+server span of every request in :mod:`.middleware`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from opentelemetry.sdk.trace import SpanProcessor
+
+from agentbus import __version__
+from agentbus.settings import Settings
+from agentbus.store.base import Store, TraceEvent, TraceStore
+from agentbus.telemetry import metrics as m
+from agentbus.telemetry.sink import TraceSink
+from agentbus.telemetry.spans import ReadSetTally
+from agentbus.telemetry.tracing import make_provider
+
+log = logging.getLogger("agentbus.telemetry")
+
+
+class Telemetry:
+    def __init__(self, settings: Settings, processors: list[SpanProcessor] | None = None) -> None:
+        self.settings = settings
+        self.provider = make_provider(processors)
+        self.tracer = self.provider.get_tracer("agentbus", __version__)
+        self.readsets = ReadSetTally()
+        self.traces: TraceStore | None = None
+        self.sink: TraceSink | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, store: Store) -> None:
+        if not self.settings.trace_store:
+            return
+        from agentbus.store import open_trace_store
+
+        self.traces = open_trace_store(store)
+        self.sink = TraceSink(self.traces, self.settings.trace_flush_s, self.settings.trace_prune_s)
+        self.sink.start()
+
+    async def close(self) -> None:
+        """Before the store closes: write buffered events, then flush and stop exporters
+        (on a thread, so an exporter never blocks the event loop)."""
+        for t in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.sink is not None:
+            await self.sink.close()
+        await asyncio.to_thread(self.provider.shutdown)
+
+    def emit(self, event: TraceEvent) -> None:
+        if self.sink is not None:
+            self.sink.put(event)
+
+    def update_budget_gauges(self, broker: Any, principal: Any) -> None:
+        """After a settle: what remains of the caller's scopes, read in the background."""
+
+        async def update() -> None:
+            from agentbus.broker import budget as b
+
+            try:
+                scopes = broker.scopes(principal)
+                counters = await broker.store.budgets.counters(scopes, time.time())
+                for key, limits in scopes.items():
+                    left = b.remaining(counters[key], limits)
+                    for kind in ("tokens", "cost", "requests"):
+                        if left[kind] is not None:
+                            m.BUDGET_REMAINING.labels(key, kind).set(left[kind])
+            except Exception:
+                log.debug("budget gauge update failed", exc_info=True)
+
+        try:
+            task = asyncio.get_running_loop().create_task(update())
+        except RuntimeError:
+            return
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
