@@ -69,6 +69,13 @@ class Settings(BaseSettings):
     sqlite_synchronous: str = Field("FULL", description="SQLite PRAGMA synchronous: FULL or NORMAL.")
     sqlite_busy_timeout_ms: int = 10_000
     pool_size: int = Field(10, ge=1)
+    pool_timeout_s: float = Field(
+        30.0, gt=0, description="Wait for a free database connection at most this long, then answer 503."
+    )
+    db_connect_timeout_s: float = Field(5.0, gt=0, description="Connecting to PostgreSQL longer than this is a 503.")
+    db_command_timeout_s: float = Field(
+        15.0, gt=0, description="A PostgreSQL statement unanswered this long (a partition) is a 503, not a hang."
+    )
     redis_prefix: str = "ab"
 
     # S-Bus compatible routes (/shard, /commit, ...).

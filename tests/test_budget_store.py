@@ -32,9 +32,9 @@ from agentbus.broker.budget import Amount, Counter, Denial, Limits
 from agentbus.core.errors import BackendUnavailable
 from agentbus.migrate import upgrade
 from agentbus.settings import Settings
+from agentbus.store import open_store
 from agentbus.store.base import BudgetStore, Reservation, UsageRecord
 from agentbus.store.redis_budget import RedisBudgetStore, scope_tenant
-from agentbus.store.sql import SQLStore
 
 TTL = 3600.0
 _MIGRATED: set[str] = set()
@@ -59,7 +59,7 @@ async def open_budgets(
         return RedisBudgetStore(client, t.prefix, **kw), client.aclose
     # A small pool: the PostgreSQL server is shared (with other test sessions, too). NORMAL
     # sync: these tests are about atomicity, not durability, and FULL is slow on a busy disk.
-    store = SQLStore(Settings(pool_size=pool_size, sqlite_synchronous="NORMAL"), t.url)
+    store = open_store(Settings(pool_size=pool_size, sqlite_synchronous="NORMAL"), t.url)
     await store.start()
     return store.budgets, store.close
 
@@ -629,7 +629,7 @@ def test_unreachable_backends_raise_backend_unavailable() -> None:
         finally:
             await client.aclose()
         # (SQLite has no server to lose; its errors take the same _tx mapping as PostgreSQL's.)
-        store = SQLStore(Settings(), "postgresql://postgres@127.0.0.1:1/nope")
+        store = open_store(Settings(), "postgresql://postgres@127.0.0.1:1/nope")
         await store.start()
         try:
             await check(store.budgets)

@@ -122,15 +122,15 @@ def test_purge_drops_expired_epochs_idempotency_and_audit(tmp_path: Path) -> Non
 
     from agentbus.auth.tokens import AuditEvent
     from agentbus.core.model import SessionRef, WriteOp
+    from agentbus.store import open_store
     from agentbus.store.base import CommitRequest
-    from agentbus.store.sql import SQLStore
 
     url = f"sqlite:///{tmp_path / 'purge.db'}"
     upgrade(url)
     settings = Settings(store=url, readset_retention_s=100, idempotency_ttl_s=100, audit_retention_s=100)
 
     async def main() -> None:
-        store = SQLStore(settings)
+        store = open_store(settings)
         await store.start()
         clock = [1_000_000.0]
         store.now = lambda: clock[0]  # type: ignore[method-assign]

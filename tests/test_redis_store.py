@@ -1,4 +1,4 @@
-"""RedisStore against the real Redis: store-level semantics, and equivalence with SQLStore.
+"""RedisStore against the real Redis: store-level semantics, and equivalence with the SQLite store.
 
 Each test gets its own ``redis_prefix`` (and deletes only its own keys afterwards), because
 the Redis is shared with other tests and developers. pytest-asyncio is not used: each test
@@ -678,10 +678,23 @@ def test_transient_errors_are_503(run: Callable[..., Any], error: BaseException)
         async def boom(*_args: Any, **_kw: Any) -> Any:
             raise error
 
+        class BoomPipeline:
+            def execute_command(self, *_args: Any, **_kw: Any) -> None:
+                pass
+
+            async def execute(self, *_args: Any, **_kw: Any) -> Any:
+                raise error
+
         s.client.execute_command = boom
         s.client.hgetall = boom
+        s.client.pipeline = lambda *_a, **_kw: BoomPipeline()
         with pytest.raises(BackendUnavailable):
             await s.read(ref("a"), "k")
+        # Both commit paths: the one-round-trip path of a session with no reads, and the
+        # two-trip path of one this process delivered a read to.
+        with pytest.raises(BackendUnavailable):
+            await s.commit(ref("a"), req(put("k")))
+        s._note_reader(ref("a"))
         with pytest.raises(BackendUnavailable):
             await s.commit(ref("a"), req(put("k")))
 
@@ -787,20 +800,52 @@ async def _scenario(store: Store, seed: int, log: list[Any], clock: _Clock) -> N
     log.append(("spaces", [(d["space"], d["seq"], d["created_at"]) for d in spaces]))
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_same_answers_as_sql_store(redis_url: str, prefix: str, tmp_path: Path, seed: int) -> None:
-    """A random workload gives identical answers on SQLite and Redis (time is faked so that
-    timestamps, TTL expiry and overflow line up)."""
+@pytest.fixture
+def fresh_pg_url() -> Iterator[str]:
+    """A new, migrated PostgreSQL database (the scenario below owns its tenant and space)."""
+    import asyncpg
+
     from agentbus.migrate import upgrade
-    from agentbus.store.sql import SQLStore
+    from tests.conftest import PG_ADMIN_URL, unavailable
+
+    name = f"agentbus_eq_{uuid.uuid4().hex[:10]}"
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(run(f'CREATE DATABASE "{name}"'))
+    except (OSError, asyncpg.PostgresError) as exc:
+        unavailable(f"PostgreSQL ({exc.__class__.__name__})")
+    url = f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    upgrade(url)
+    yield url
+    asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_same_answers_on_every_backend(
+    redis_url: str, fresh_pg_url: str, prefix: str, tmp_path: Path, seed: int
+) -> None:
+    """A random workload gives identical answers on SQLite, PostgreSQL and Redis (time is
+    faked so that timestamps, TTL expiry and overflow line up). Each backend has its own hot
+    path for reads and commits (a writer thread, server functions, Lua), so this is what
+    keeps them saying the same thing."""
+    from agentbus.migrate import upgrade
+    from agentbus.store import open_store
 
     url = f"sqlite:///{tmp_path / 'eq.db'}"
     upgrade(url)
     cfg = Settings(redis_prefix=prefix, readset_ttl_s=12, readset_max_entries=5, sqlite_synchronous="OFF")
 
-    async def main() -> tuple[list[Any], list[Any]]:
+    async def main() -> list[list[Any]]:
         out: list[list[Any]] = []
-        for store in (SQLStore(cfg, url), RedisStore(cfg, redis_url)):
+        for store in (open_store(cfg, url), open_store(cfg, fresh_pg_url), RedisStore(cfg, redis_url)):
             clock = _Clock()
             store.now = lambda clock=clock: clock.t  # type: ignore[method-assign]
             await store.start()
@@ -810,13 +855,14 @@ def test_same_answers_as_sql_store(redis_url: str, prefix: str, tmp_path: Path, 
                 out.append(log)
             finally:
                 await store.close()
-        return out[0], out[1]
+        return out
 
-    sql_log, redis_log = asyncio.run(main())
-    kinds_seen = {type(r[1]).__name__ if not isinstance(r[1], tuple) else r[1][0] for r in sql_log}
+    sqlite_log, pg_log, redis_log = asyncio.run(main())
+    kinds_seen = {type(r[1]).__name__ if not isinstance(r[1], tuple) else r[1][0] for r in sqlite_log}
     assert {"conflict", "ok"} <= kinds_seen
-    for a, b in zip(sql_log, redis_log, strict=True):
-        assert a == b
+    for a, b, c in zip(sqlite_log, pg_log, redis_log, strict=True):
+        assert a == b, "SQLite and PostgreSQL disagree"
+        assert a == c, "SQLite and Redis disagree"
 
 
 def test_range_ident_format_matches_core() -> None:
@@ -878,7 +924,7 @@ async def _token_and_audit_answers(store: Store, tenant: str) -> list[Any]:
 
 def test_tokens_and_audit_same_as_sql_store(redis_url: str, prefix: str, tmp_path: Path) -> None:
     from agentbus.migrate import upgrade
-    from agentbus.store.sql import SQLStore
+    from agentbus.store import open_store
 
     url = f"sqlite:///{tmp_path / 'tok.db'}"
     upgrade(url)
@@ -886,7 +932,7 @@ def test_tokens_and_audit_same_as_sql_store(redis_url: str, prefix: str, tmp_pat
 
     async def main() -> list[list[Any]]:
         answers = []
-        for store in (SQLStore(cfg, url), RedisStore(cfg, redis_url)):
+        for store in (open_store(cfg, url), RedisStore(cfg, redis_url)):
             await store.start()
             try:
                 answers.append(await _token_and_audit_answers(store, "tn"))

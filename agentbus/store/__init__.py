@@ -10,10 +10,14 @@ from agentbus.store.base import Store, TraceStore
 def open_store(settings: Settings, url: str | None = None) -> Store:
     url = url or settings.store
     scheme = url.split("://", 1)[0].split("+", 1)[0]
-    if scheme in ("sqlite", "postgresql", "postgres"):
-        from agentbus.store.sql import SQLStore
+    if scheme == "sqlite":
+        from agentbus.store.sqlite import SQLiteStore
 
-        return SQLStore(settings, url)
+        return SQLiteStore(settings, url)
+    if scheme in ("postgresql", "postgres"):
+        from agentbus.store.postgres import PostgresStore
+
+        return PostgresStore(settings, url)
     if scheme in ("redis", "rediss"):
         from agentbus.store.redis import RedisStore
 

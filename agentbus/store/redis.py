@@ -233,6 +233,9 @@ class RedisStore(Store):
         self._max_entries = str(settings.readset_max_entries)
         # (tenant, space) this process has put in the tenant's set of spaces.
         self._registered: set[tuple[str, str]] = set()
+        # Sessions this process delivered reads to and has not seen commit since. Only a hint
+        # for which commit path to try first: the script re-checks the epoch either way.
+        self._readers: dict[SessionRef, None] = {}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -357,9 +360,15 @@ class RedisStore(Store):
                 (f"{b}:meta", f"{b}:vals", self._epoch_key(ref)),
                 (key, now, self._max_entries, self._retention_ms, uuid.uuid4().hex),
             )
+        self._note_reader(ref)
         if meta_raw is None or value is None:
             return None
         return Shard(meta=_parse_meta(key, meta_raw), value_json=value.decode())
+
+    def _note_reader(self, ref: SessionRef) -> None:
+        if len(self._readers) >= 100_000:
+            self._readers.clear()
+        self._readers[ref] = None
 
     async def list(self, ref: SessionRef, prefix: str, start_after: str | None, limit: int) -> Listing:
         b = self._base(ref.tenant, ref.space)
@@ -374,6 +383,7 @@ class RedisStore(Store):
                 (f"{b}:space", f"{b}:live", f"{b}:meta", self._epoch_key(ref)),
                 (lo, hi, limit, ident_base, now, self._max_entries, self._retention_ms, uuid.uuid4().hex),
             )
+        self._note_reader(ref)
         items = [_parse_meta(k.decode(), m) for k, m in zip(keys, metas, strict=True) if m is not None]
         cursor = encode_cursor(items[-1].key) if has_more and items else None
         return Listing(items=items, next_cursor=cursor)
@@ -394,10 +404,17 @@ class RedisStore(Store):
         b = self._base(ref.tenant, ref.space)
         ep_key = self._epoch_key(ref)
         idem_key = self._idem_key(ref, req.idempotency_key) if req.idempotency_key else None
+        # A session with no reads recorded (blind writes with expected_version) commits in one
+        # round trip: the script is called as if there were no epoch, and answers "E" if there
+        # is one after all (read by another process), which sends us down the two-trip path.
+        optimistic = self._readers.pop(ref, False) is False
         async with self._guard():
             for _ in range(MAX_EPOCH_RETRIES):
+                if optimistic:
+                    optimistic = False
+                    raw_epoch = None
                 # Round trip 1: the stored outcome (if any) and the epoch.
-                if idem_key is not None:
+                elif idem_key is not None:
                     rec, raw_epoch = await self._pipeline((("GET", idem_key), ("HGETALL", ep_key)))
                     if rec is not None:
                         stored = await self._settle(idem_key, rec)

@@ -1,11 +1,14 @@
-"""SQLite and PostgreSQL backend (SQLAlchemy 2 Core, async drivers).
+"""What SQLite and PostgreSQL share (SQLAlchemy 2 Core, async drivers): listings, history,
+the commit log, tokens, audit, budgets and purge.
 
-Atomicity: every commit first upserts its space row (``INSERT .. ON CONFLICT DO UPDATE ..
-RETURNING seq``). On PostgreSQL that takes the row lock that orders all commits of a space;
-on SQLite every write transaction is ``BEGIN IMMEDIATE``, which takes the database write
-lock across processes. Validation and apply then run inside that one transaction, so commit
-seq order equals visibility order (SSE resume relies on it) and no process-local lock is
-part of the guarantee.
+The hot paths, read and commit, are per dialect — :mod:`agentbus.store.sqlite` (one writer
+thread) and :mod:`agentbus.store.postgres` (server functions on asyncpg) — because through
+SQLAlchemy they cost several milliseconds of CPU each. Both keep the same atomicity: every
+commit first takes its space row (``INSERT .. ON CONFLICT DO UPDATE .. RETURNING seq``). On
+PostgreSQL that is the row lock that orders all commits of a space; on SQLite every write
+transaction is ``BEGIN IMMEDIATE``, which takes the database write lock across processes.
+Validation and apply then run inside that one transaction, so commit seq order equals
+visibility order (SSE resume relies on it) and no process-local lock is part of the guarantee.
 """
 
 from __future__ import annotations
@@ -22,20 +25,17 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from agentbus.auth.tokens import AuditEvent, TokenRecord
 from agentbus.core import validation as v
-from agentbus.core.errors import BackendUnavailable, ReadSetExpired
+from agentbus.core.errors import BackendUnavailable
 from agentbus.core.model import (
     CommitRecord,
-    CommitResult,
     Epoch,
     RangeRead,
     SessionRef,
-    Shard,
     ShardMeta,
-    StoredOutcome,
 )
 from agentbus.core.names import encode_cursor
 from agentbus.settings import Settings
-from agentbus.store.base import CommitOutcome, CommitRequest, HistoryEntry, Listing, Store, outcome_body
+from agentbus.store.base import HistoryEntry, Listing, Store
 from agentbus.store.schema import (
     audit,
     commits,
@@ -88,7 +88,13 @@ class SQLStore(Store):
                 self.url,
                 pool_size=self.settings.pool_size,
                 max_overflow=self.settings.pool_size,
+                pool_timeout=self.settings.pool_timeout_s,
                 pool_pre_ping=True,
+                # A partitioned server neither answers nor refuses: bound every wait.
+                connect_args={
+                    "timeout": self.settings.db_connect_timeout_s,
+                    "command_timeout": self.settings.db_command_timeout_s,
+                },
                 pool_recycle=1800,
             )
             self.reader = self.engine
@@ -104,8 +110,10 @@ class SQLStore(Store):
             # Take transaction control from the driver so BEGIN IMMEDIATE is ours to issue.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            # Busy timeout first: the journal-mode switch takes a lock and would otherwise
+            # fail at once on a busy database.
             cur.execute(f"PRAGMA busy_timeout={int(busy)}")
+            cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA synchronous={sync_mode}")
             cur.execute("PRAGMA foreign_keys=OFF")
             cur.close()
@@ -141,21 +149,6 @@ class SQLStore(Store):
             await conn.execute(select(1))
 
     # ------------------------------------------------------------------ reads
-    async def read(self, ref: SessionRef, key: str) -> Shard | None:
-        async with self._tx() as conn:
-            row = (
-                await conn.execute(
-                    select(shards).where(
-                        shards.c.tenant == ref.tenant, shards.c.space == ref.space, shards.c.key == key
-                    )
-                )
-            ).first()
-            meta = _meta(row) if row is not None else None
-            await self._record(conn, ref, "p", key, v.current_version(meta))
-        if meta is None or meta.deleted:
-            return None
-        return Shard(meta=meta, value_json=row.value)  # type: ignore[union-attr]
-
     async def list(self, ref: SessionRef, prefix: str, start_after: str | None, limit: int) -> Listing:
         async with self._tx() as conn:
             # Seq first, listing second: a commit the listing missed has a larger seq.
@@ -274,147 +267,6 @@ class SQLStore(Store):
     async def clear_epoch(self, ref: SessionRef) -> None:
         async with self._tx() as conn:
             await self._drop_epoch(conn, ref)
-
-    # ------------------------------------------------------------------ commit
-    async def commit(self, ref: SessionRef, req: CommitRequest) -> CommitOutcome:
-        expired: ReadSetExpired | None = None
-        async with self._tx() as conn:
-            now = self.now()
-            seq = await self._lock_space(conn, ref, now)
-            if req.idempotency_key:
-                stored = await self._load_outcome(conn, ref, req.idempotency_key)
-                if stored is not None:
-                    return CommitOutcome(stored=stored)
-            epoch = await self._load_epoch(conn, ref, lock=True)
-            try:
-                v.check_epoch(epoch, now=now, ttl_s=self.settings.readset_ttl_s)
-            except ReadSetExpired as exc:
-                # The epoch ends here too; the 410 is raised after the delete commits.
-                expired = exc
-                await self._drop_epoch(conn, ref)
-            if expired is None:
-                outcome = await self._validate_and_apply(conn, ref, req, epoch, seq, now)
-                if epoch is not None:
-                    await self._drop_epoch(conn, ref)
-                if req.idempotency_key:
-                    await self._store_outcome(conn, ref, req, outcome, now)
-        if expired is not None:
-            raise expired
-        return outcome
-
-    async def _lock_space(self, conn: AsyncConnection, ref: SessionRef, now: float) -> int:
-        stmt = (
-            self._insert(spaces)
-            .values(tenant=ref.tenant, space=ref.space, seq=0, created_at=now)
-            .on_conflict_do_update(index_elements=["tenant", "space"], set_={"seq": spaces.c.seq})
-            .returning(spaces.c.seq)
-        )
-        return int((await conn.execute(stmt)).scalar_one())
-
-    async def _validate_and_apply(
-        self,
-        conn: AsyncConnection,
-        ref: SessionRef,
-        req: CommitRequest,
-        epoch: Epoch | None,
-        seq: int,
-        now: float,
-    ) -> CommitOutcome:
-        guards = v.build_guards(epoch, req.explicit_reads, req.writes)
-        keys = guards.keys | {w.key for w in req.writes}
-        heads: dict[str, ShardMeta | None] = dict.fromkeys(keys)
-        space_pk = (shards.c.tenant == ref.tenant, shards.c.space == ref.space)
-        rows = (await conn.execute(select(*_META_COLS).where(*space_pk, shards.c.key.in_(sorted(keys))))).all()
-        for r in rows:
-            heads[r.key] = _meta(r)
-        changed: list[ShardMeta] = []
-        floor = guards.min_range_seq
-        if floor is not None and floor < seq:
-            crows = (await conn.execute(select(*_META_COLS).where(*space_pk, shards.c.seq > floor))).all()
-            changed = [_meta(r) for r in crows]
-        conflicts = v.find_conflicts(guards, heads, changed)
-        if conflicts:
-            return CommitOutcome(conflicts=conflicts)
-
-        new_seq = seq + 1
-        versions = v.next_versions(req.writes, heads)
-        commit_id = v.new_commit_id()
-        await conn.execute(
-            update(spaces).where(spaces.c.tenant == ref.tenant, spaces.c.space == ref.space).values(seq=new_seq)
-        )
-        rows_out = [
-            {
-                "tenant": ref.tenant,
-                "space": ref.space,
-                "key": w.key,
-                "version": versions[w.key],
-                "value": None if w.delete else w.value_json,
-                "deleted": w.delete,
-                "seq": new_seq,
-                "updated_by": ref.subject,
-                "updated_at": now,
-            }
-            for w in req.writes
-        ]
-        ins = self._insert(shards)
-        await conn.execute(
-            ins.on_conflict_do_update(
-                index_elements=["tenant", "space", "key"],
-                set_={c: ins.excluded[c] for c in ("version", "value", "deleted", "seq", "updated_by", "updated_at")},
-            ),
-            rows_out,
-        )
-        await conn.execute(insert(shard_versions), rows_out)
-        log_writes = [{"key": w.key, "version": versions[w.key], "deleted": w.delete} for w in req.writes]
-        await conn.execute(
-            insert(commits).values(
-                tenant=ref.tenant,
-                space=ref.space,
-                seq=new_seq,
-                commit_id=commit_id,
-                subject=ref.subject,
-                session=ref.session,
-                at=now,
-                writes=json.dumps(log_writes),
-            )
-        )
-        return CommitOutcome(result=CommitResult(commit_id=commit_id, seq=new_seq, versions=versions))
-
-    async def _load_outcome(self, conn: AsyncConnection, ref: SessionRef, key: str) -> StoredOutcome | None:
-        row = (
-            await conn.execute(
-                select(idempotency).where(
-                    idempotency.c.tenant == ref.tenant,
-                    idempotency.c.space == ref.space,
-                    idempotency.c.subject == ref.subject,
-                    idempotency.c.idem_key == key,
-                )
-            )
-        ).first()
-        if row is None or row.created_at < self.now() - self.settings.idempotency_ttl_s:
-            return None
-        return StoredOutcome(fingerprint=row.fingerprint, status=row.status, body=json.loads(row.body))
-
-    async def _store_outcome(
-        self, conn: AsyncConnection, ref: SessionRef, req: CommitRequest, outcome: CommitOutcome, now: float
-    ) -> None:
-        status, body = outcome_body(outcome)
-        stmt = self._insert(idempotency).values(
-            tenant=ref.tenant,
-            space=ref.space,
-            subject=ref.subject,
-            idem_key=req.idempotency_key,
-            fingerprint=req.fingerprint or "",
-            status=status,
-            body=json.dumps(body),
-            created_at=now,
-        )
-        # An expired record under the same key is replaced by the new outcome.
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["tenant", "space", "subject", "idem_key"],
-            set_={c: stmt.excluded[c] for c in ("fingerprint", "status", "body", "created_at")},
-        )
-        await conn.execute(stmt)
 
     # ------------------------------------------------------------------ inspection
     async def space_exists(self, tenant: str, space: str) -> bool:
@@ -580,16 +432,6 @@ class SQLStore(Store):
         ]
 
 
-_META_COLS = (
-    shards.c.key,
-    shards.c.version,
-    shards.c.deleted,
-    shards.c.seq,
-    shards.c.updated_by,
-    shards.c.updated_at,
-)
-
-
 def _meta(row: Any) -> ShardMeta:
     return ShardMeta(
         key=row.key,
@@ -667,9 +509,14 @@ def _is_transient(exc: DBAPIError) -> bool:
     orig = exc.orig
     sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
     if isinstance(sqlstate, str):
-        return sqlstate.startswith(_TRANSIENT_SQLSTATE_PREFIXES)
+        return transient_sqlstate(sqlstate)
     text = str(orig).lower() if orig is not None else ""
     return any(s in text for s in _TRANSIENT_SQLITE)
+
+
+def transient_sqlstate(sqlstate: str | None) -> bool:
+    """True for a PostgreSQL SQLSTATE that means "retry shortly" (503), not "bad request"."""
+    return isinstance(sqlstate, str) and sqlstate.startswith(_TRANSIENT_SQLSTATE_PREFIXES)
 
 
 def _describe(exc: BaseException) -> str:
