@@ -82,6 +82,7 @@ from agentbus.core.names import encode_cursor
 from agentbus.settings import Settings
 from agentbus.store.base import CommitOutcome, CommitRequest, HistoryEntry, Listing, Store, outcome_body
 from agentbus.store.redis_budget import RedisBudgetStore
+from agentbus.store.redis_errors import UNAVAILABLE, is_unavailable, unavailable
 
 # The commit script says "reload the epoch" when a read of the same session slipped in
 # between loading the epoch and running the script; only a session reading in a tight loop
@@ -92,19 +93,6 @@ MAX_EPOCH_RETRIES = 50
 # the Idempotency-Key for long; a concurrent retry waits at most this long for the body.
 PENDING_TTL_MS = 10_000
 PENDING_WAIT_S = 2.0
-
-# Redis error replies that mean "not now", not "bad request": they become 503s.
-_TRANSIENT_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN", "OOM")
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    rexc.ConnectionError,  # includes BusyLoadingError and MaxConnectionsError
-    rexc.TimeoutError,
-    rexc.ReadOnlyError,
-    rexc.ClusterDownError,
-    rexc.TryAgainError,
-    rexc.OutOfMemoryError,
-    TimeoutError,
-    OSError,
-)
 
 
 def _load_script(name: str) -> str:
@@ -128,14 +116,6 @@ class _Script:
 
     def args(self, keys: Sequence[str], argv: Sequence[str | int | bytes]) -> tuple[Any, ...]:
         return ("EVALSHA", self.sha, len(keys), *keys, *argv)
-
-
-def _unavailable(exc: BaseException) -> BackendUnavailable:
-    return BackendUnavailable(f"storage backend unavailable ({type(exc).__name__}); retry shortly")
-
-
-def _is_transient_reply(exc: BaseException) -> bool:
-    return isinstance(exc, rexc.ResponseError) and str(exc).startswith(_TRANSIENT_REPLIES)
 
 
 def _parse_meta(key: str, raw: bytes) -> ShardMeta:
@@ -271,7 +251,7 @@ class RedisStore(Store):
             client, self.client = self.client, None
             try:
                 await client.aclose()
-            except (*_UNAVAILABLE, rexc.RedisError):
+            except (*UNAVAILABLE, rexc.RedisError):
                 pass
 
     @asynccontextmanager
@@ -281,11 +261,9 @@ class RedisStore(Store):
             await self.start()
         try:
             yield
-        except _UNAVAILABLE as exc:
-            raise _unavailable(exc) from exc
-        except rexc.ResponseError as exc:
-            if _is_transient_reply(exc):
-                raise _unavailable(exc) from exc
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise unavailable(exc) from exc
             raise
 
     async def _eval(self, script: _Script, keys: Sequence[str], argv: Sequence[str | int | bytes]) -> Any:
@@ -456,7 +434,7 @@ class RedisStore(Store):
                     versions = {w.key: int(ver) for w, ver in zip(req.writes, res[2], strict=True)}
                     return CommitOutcome(result=CommitResult(commit_id=commit_id, seq=int(res[1]), versions=versions))
                 if kind == b"C":
-                    return await self._conflict(ref, req, guards, res, idem_key, commit_id)
+                    return await self._conflict(req, guards, res, idem_key, commit_id, ep_key, tag)
                 if kind == b"R":
                     assert idem_key is not None
                     stored = await self._settle(idem_key, res[1])
@@ -514,12 +492,13 @@ class RedisStore(Store):
 
     async def _conflict(
         self,
-        ref: SessionRef,
         req: CommitRequest,
         guards: Guards,
         res: list[Any],
         idem_key: str | None,
         commit_id: str,
+        ep_key: str,
+        tag: str,
     ) -> CommitOutcome:
         """Explain a rejected commit with core (never with Lua), then store that 409 as the
         Idempotency-Key outcome in place of the script's pending marker."""
@@ -538,8 +517,8 @@ class RedisStore(Store):
             fp = req.fingerprint or ""
             await self._eval(
                 self._finalize,
-                (idem_key,),
-                (f"0|{fp}|{commit_id}", f"{status}|{fp}|".encode() + orjson.dumps(body), self._idem_ttl_ms),
+                (idem_key, ep_key),
+                (f"0|{fp}|{commit_id}", f"{status}|{fp}|".encode() + orjson.dumps(body), self._idem_ttl_ms, tag),
             )
         return outcome
 

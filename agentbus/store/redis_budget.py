@@ -39,30 +39,17 @@ from importlib import resources
 from typing import Any
 
 import orjson
-from redis import exceptions as rexc
 
 from agentbus.broker import budget as b
 from agentbus.broker.budget import Amount, Counter, Denial, Limits
-from agentbus.core.errors import BackendUnavailable
 from agentbus.store.base import BudgetStore, Reservation, UsageRecord
+from agentbus.store.redis_errors import is_unavailable, unavailable
 
 USAGE_CAP = 10_000
 # Sweep reads expired reservations of a tenant in pages of this size.
 SWEEP_BATCH = 500
 
 _FIELDS = b.COUNTER_FIELDS
-# Redis error replies that mean "not now", not "bad request": they become 503s.
-_TRANSIENT_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN", "OOM")
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    rexc.ConnectionError,
-    rexc.TimeoutError,
-    rexc.ReadOnlyError,
-    rexc.ClusterDownError,
-    rexc.TryAgainError,
-    rexc.OutOfMemoryError,
-    TimeoutError,
-    OSError,
-)
 
 
 def scope_tenant(scope: str) -> str:
@@ -127,11 +114,9 @@ class RedisBudgetStore(BudgetStore):
         """Map "Redis cannot serve now" to BackendUnavailable (503, retryable), never a 500."""
         try:
             yield
-        except _UNAVAILABLE as exc:
-            raise BackendUnavailable(f"storage backend unavailable ({type(exc).__name__}); retry shortly") from exc
-        except rexc.ResponseError as exc:
-            if str(exc).startswith(_TRANSIENT_REPLIES):
-                raise BackendUnavailable(f"storage backend unavailable ({type(exc).__name__}); retry shortly") from exc
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise unavailable(exc) from exc
             raise
 
     async def _index(self, tenant: str) -> None:

@@ -97,11 +97,16 @@ if floor ~= nil and floor < seq then
 end
 
 if not ok then
-  -- The epoch ends with a 409 too. The final 409 body is written by Python (from core);
-  -- until then a concurrent retry with the same Idempotency-Key sees this pending marker
-  -- instead of re-running the commit.
-  redis.call('DEL', KEYS[7])
-  if idem then redis.call('SET', idem, '0|' .. ARGV[5] .. '|' .. ARGV[2], 'PX', ARGV[11]) end
+  -- The epoch ends with a 409 too. With an Idempotency-Key the final 409 body is written by
+  -- Python (from core) in finalize.lua, which also ends the epoch: until then a concurrent
+  -- retry with the same key sees this pending marker, and if the marker expires first (the
+  -- process died in between) a retry is validated against the same read set again, so it
+  -- is refused again rather than applied against an emptied one.
+  if idem then
+    redis.call('SET', idem, '0|' .. ARGV[5] .. '|' .. ARGV[2], 'PX', ARGV[11])
+  else
+    redis.call('DEL', KEYS[7])
+  end
   local heads = {}
   if #pkeys > 0 then heads = hmget(KEYS[2], pkeys) end
   local ckeys, cmetas = {}, {}
