@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 LLAMA_VENV ?= $(HOME)/.cache/agentbus/llama-venv
 LLAMA_STAMP := $(LLAMA_VENV)/.installed
 
-.PHONY: run test lint bench clean model-server
+.PHONY: run test lint bench soak clean model-server
 
 # The SDK and the framework adapters are separate packages (installable on their own);
 # the test environment installs them all, editable.
@@ -40,6 +40,11 @@ test: $(STAMP) $(LLAMA_STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench.run
+
+# Bounded soak (default 120 s, loopback only): make soak SOAK_ARGS="--duration 600 --store postgres"
+soak: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis agentbus.db*

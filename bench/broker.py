@@ -28,7 +28,6 @@ import contextlib
 import datetime as dt
 import importlib.metadata
 import json
-import multiprocessing as mp
 import os
 import signal
 import subprocess
@@ -44,8 +43,8 @@ from typing import Any, Literal
 import httpx
 import orjson
 
-from bench.loadgen import REQUEST_TIMEOUT_S, HttpConn, WindowProbe
-from bench.run import _proc_stat, background_busy, loadavg, machine_info, percentiles
+from bench.loadgen import REQUEST_TIMEOUT_S, HttpConn, ProcessCpu, drive_window, run_processes
+from bench.run import background_busy, loadavg, machine_info, percentiles
 from bench.run import versions as commit_bench_versions
 from bench.servers import (
     REDIS_URL,
@@ -189,111 +188,13 @@ async def _client(spec: BrokerCell, conn: StreamConn, res: ClientResult, window:
 
 async def _drive(spec: BrokerCell, clients: list[int], barrier: Any) -> ClientResult:
     res = ClientResult()
-    conns = []
-    for c in clients:  # connected before the clock starts: the window measures steady state
-        conn = StreamConn("127.0.0.1", spec.port, f"agent{c}")
-        await conn.open()
-        conns.append(conn)
-    await asyncio.get_running_loop().run_in_executor(None, barrier.wait, 120)
-    t0 = time.monotonic()
-    window = (t0 + spec.warmup_s, t0 + spec.warmup_s + spec.duration_s)
 
-    async def cpu_probe() -> None:
-        await asyncio.sleep(max(0.0, window[0] - time.monotonic()))
-        c0 = time.process_time()
-        await asyncio.sleep(max(0.0, window[1] - time.monotonic()))
-        res.cpu_s = time.process_time() - c0
+    async def client(_: int, conn: StreamConn, window: tuple[float, float]) -> None:
+        await _client(spec, conn, res, window)
 
-    probe = asyncio.create_task(cpu_probe())
-    await asyncio.gather(*(_client(spec, conn, res, window) for conn in conns))
-    with contextlib.suppress(asyncio.CancelledError):
-        await probe
-    return res
-
-
-def _child(spec: BrokerCell, clients: list[int], barrier: Any, out: Any) -> None:
-    try:
-        import uvloop
-
-        runner: Any = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
-        runner = asyncio.run
-    try:
-        out.put(("ok", runner(_drive(spec, clients, barrier))))
-    except BaseException as exc:  # report, never hang the coordinator
-        with contextlib.suppress(Exception):
-            barrier.abort()
-        out.put(("error", f"{type(exc).__name__}: {exc}"))
-
-
-def run_clients(spec: BrokerCell, probe: WindowProbe) -> list[ClientResult]:
-    """The clients of one cell in ``min(procs, concurrency)`` forked processes (as
-    bench/loadgen.run_cell, whose Agent only speaks the commit API); bounded in time."""
-    ctx = mp.get_context("fork")
-    nprocs = max(1, min(spec.procs, spec.concurrency))
-    split = [list(range(p, spec.concurrency, nprocs)) for p in range(nprocs)]
-    barrier = ctx.Barrier(nprocs + 1)
-    out = ctx.Queue()
-    children = [ctx.Process(target=_child, args=(spec, part, barrier, out), daemon=True) for part in split]
-    for c in children:
-        c.start()
-    try:
-        barrier.wait(120)
-        t0 = time.monotonic()
-        window = (t0 + spec.warmup_s, t0 + spec.warmup_s + spec.duration_s)
-        time.sleep(max(0.0, window[0] - time.monotonic()))
-        probe.begin()
-        time.sleep(max(0.0, window[1] - time.monotonic()))
-        probe.end()
-        results: list[ClientResult] = []
-        errors: list[str] = []
-        deadline = window[1] + REQUEST_TIMEOUT_S + 30
-        for _ in children:
-            kind, payload = out.get(timeout=max(1.0, deadline - time.monotonic()))
-            (results if kind == "ok" else errors).append(payload)
-        if errors:
-            raise RuntimeError("load generator failed: " + "; ".join(errors))
-        return results
-    finally:
-        for c in children:
-            c.join(5)
-            if c.is_alive():
-                c.terminate()
-                c.join(5)
-
-
-class ProcessCpu(WindowProbe):
-    """CPU cores of each named server process tree, and of the whole machine, over the window."""
-
-    def __init__(self, servers: dict[str, Server]) -> None:
-        self.servers = servers
-        self.cores: dict[str, float] = {}
-        self.machine = 0.0
-
-    def _sample(self) -> dict[str, float]:
-        import psutil
-
-        out: dict[str, float] = {}
-        for name, srv in self.servers.items():
-            total = 0.0
-            for pid in srv.pids():
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    t = psutil.Process(pid).cpu_times()
-                    total += t.user + t.system
-            out[name] = total
-        return out
-
-    def begin(self) -> None:
-        self.t0 = time.monotonic()
-        self.s0 = self._sample()
-        self.m0 = _proc_stat()
-
-    def end(self) -> None:
-        wall = time.monotonic() - self.t0
-        s1 = self._sample()
-        self.cores = {k: (s1[k] - self.s0.get(k, 0.0)) / wall for k in s1}
-        busy, total = _proc_stat()
-        self.machine = (busy - self.m0[0]) / max(1, total - self.m0[1]) * (os.cpu_count() or 1)
+    return await drive_window(
+        spec, clients, barrier, res, lambda c: StreamConn("127.0.0.1", spec.port, f"agent{c}"), client
+    )
 
 
 # ---------------------------------------------------------------------- servers
@@ -430,7 +331,7 @@ def measure(
     """Run one cell; return its summary and how many complete 200s the clients saw."""
     spec = BrokerCell(target, port, mode, n, args.warmup, args.duration, args.procs)
     probe = ProcessCpu(servers)
-    results = run_clients(spec, probe)
+    results, _ = run_processes(_drive, spec, probe)
     total = sorted(x for r in results for x in r.total)
     ttft = sorted(x for r in results for x in r.ttft)
     other: Counter[str] = Counter()

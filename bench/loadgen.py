@@ -17,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing as mp
+import os
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 import orjson
 
@@ -259,22 +261,35 @@ class Agent:
         return None
 
 
-async def _drive(spec: CellSpec, agents: list[int], barrier: Any) -> ProcResult:
-    res = ProcResult()
-    # Connect every agent before the clock starts, so the window measures steady state.
-    await_conn = []
-    for a in agents:
-        conn = HttpConn(spec.host, spec.port, f"agent{a}")
+class _Timed(Protocol):
+    cpu_s: float
+
+
+R = TypeVar("R", bound=_Timed)
+Conn = TypeVar("Conn", bound=HttpConn)
+
+
+async def drive_window(
+    spec: Any,
+    clients: list[int],
+    barrier: Any,
+    res: R,
+    connect: Callable[[int], Conn],
+    client: Callable[[int, Conn, tuple[float, float]], Awaitable[None]],
+) -> R:
+    """The body of one load-generator process, shared by every benchmark: open one
+    connection per client (before the clock starts, so the window measures steady state),
+    meet the other processes at ``barrier``, run ``client(index, conn, window)`` for each,
+    and record the CPU this process used inside the measured window in ``res.cpu_s``.
+    ``spec`` needs ``warmup_s`` and ``duration_s``."""
+    conns = []
+    for c in clients:
+        conn = connect(c)
         await conn.open()
-        await_conn.append(conn)
+        conns.append(conn)
     await asyncio.get_running_loop().run_in_executor(None, barrier.wait, 120)
     t0 = time.monotonic()
     window = (t0 + spec.warmup_s, t0 + spec.warmup_s + spec.duration_s)
-    runners = []
-    for a, conn in zip(agents, await_conn, strict=True):
-        agent = Agent(spec, a, res, window)
-        agent.conn = conn
-        runners.append(agent)
 
     async def cpu_probe() -> None:
         await asyncio.sleep(max(0.0, window[0] - time.monotonic()))
@@ -283,13 +298,28 @@ async def _drive(spec: CellSpec, agents: list[int], barrier: Any) -> ProcResult:
         res.cpu_s = time.process_time() - c0
 
     probe = asyncio.create_task(cpu_probe())
-    await asyncio.gather(*(r.run() for r in runners))
+    await asyncio.gather(*(client(c, conn, window) for c, conn in zip(clients, conns, strict=True)))
     with contextlib.suppress(asyncio.CancelledError):
         await probe
     return res
 
 
-def _child(spec: CellSpec, agents: list[int], barrier: Any, out: Any) -> None:
+async def _drive(spec: CellSpec, agents: list[int], barrier: Any) -> ProcResult:
+    res = ProcResult()
+
+    async def client(a: int, conn: HttpConn, window: tuple[float, float]) -> None:
+        agent = Agent(spec, a, res, window)
+        agent.conn = conn
+        await agent.run()
+
+    return await drive_window(spec, agents, barrier, res, lambda a: HttpConn(spec.host, spec.port, f"agent{a}"), client)
+
+
+def run_child(
+    drive: Callable[[Any, list[int], Any], Awaitable[Any]], spec: Any, clients: list[int], barrier: Any, out: Any
+) -> None:
+    """Entry point of a forked load-generator process: ``drive(spec, clients, barrier)``
+    on uvloop; the result (or the error) goes to ``out``."""
     try:
         import uvloop
 
@@ -297,12 +327,55 @@ def _child(spec: CellSpec, agents: list[int], barrier: Any, out: Any) -> None:
     except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
         runner = asyncio.run
     try:
-        res = runner(_drive(spec, agents, barrier))
-        out.put(("ok", res))
+        out.put(("ok", runner(drive(spec, clients, barrier))))
     except BaseException as exc:  # report, never hang the coordinator
         with contextlib.suppress(Exception):
             barrier.abort()
         out.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def run_processes(
+    drive: Callable[[Any, list[int], Any], Awaitable[R]], spec: Any, probe: WindowProbe | None = None
+) -> tuple[list[R], tuple[float, float]]:
+    """Run ``spec.concurrency`` clients split round-robin over ``min(spec.procs,
+    spec.concurrency)`` fresh forked processes, each running ``drive``; sample ``probe`` at the
+    start and end of the measured window. Bounded in time; returns (per-process results,
+    the window on this process's monotonic clock). Used by every benchmark's cells."""
+    ctx = mp.get_context("fork")
+    nprocs = max(1, min(spec.procs, spec.concurrency))
+    split = [list(range(p, spec.concurrency, nprocs)) for p in range(nprocs)]
+    barrier = ctx.Barrier(nprocs + 1)
+    out = ctx.Queue()
+    children = [ctx.Process(target=run_child, args=(drive, spec, part, barrier, out), daemon=True) for part in split]
+    for c in children:
+        c.start()
+    try:
+        barrier.wait(120)
+        t0 = time.monotonic()
+        window = (t0 + spec.warmup_s, t0 + spec.warmup_s + spec.duration_s)
+        if probe is not None:
+            time.sleep(max(0.0, window[0] - time.monotonic()))
+            probe.begin()
+            time.sleep(max(0.0, window[1] - time.monotonic()))
+            probe.end()
+        results: list[R] = []
+        errors: list[str] = []
+        deadline = window[1] + REQUEST_TIMEOUT_S + 30
+        for _ in children:
+            kind, payload = out.get(timeout=max(1.0, deadline - time.monotonic()))
+            if kind == "ok":
+                results.append(payload)
+            else:
+                errors.append(payload)
+        if errors:
+            raise RuntimeError("load generator failed: " + "; ".join(errors))
+        return results, window
+    finally:
+        for c in children:
+            c.join(5)
+            if c.is_alive():
+                c.terminate()
+                c.join(5)
 
 
 @dataclass
@@ -345,39 +418,55 @@ class WindowProbe:
 
 
 def run_cell(spec: CellSpec, probe: WindowProbe | None = None) -> CellResult:
-    """Run one cell in ``min(procs, concurrency)`` fresh client processes; bounded in time."""
-    ctx = mp.get_context("fork")
-    nprocs = max(1, min(spec.procs, spec.concurrency))
-    split = [list(range(p, spec.concurrency, nprocs)) for p in range(nprocs)]
-    barrier = ctx.Barrier(nprocs + 1)
-    out = ctx.Queue()
-    children = [ctx.Process(target=_child, args=(spec, agents, barrier, out), daemon=True) for agents in split]
-    for c in children:
-        c.start()
-    try:
-        barrier.wait(120)
-        t0 = time.monotonic()
-        window = (t0 + spec.warmup_s, t0 + spec.warmup_s + spec.duration_s)
-        if probe is not None:
-            time.sleep(max(0.0, window[0] - time.monotonic()))
-            probe.begin()
-            time.sleep(max(0.0, window[1] - time.monotonic()))
-            probe.end()
-        results: list[ProcResult] = []
-        errors: list[str] = []
-        deadline = window[1] + REQUEST_TIMEOUT_S + 30
-        for _ in children:
-            kind, payload = out.get(timeout=max(1.0, deadline - time.monotonic()))
-            if kind == "ok":
-                results.append(payload)
-            else:
-                errors.append(payload)
-        if errors:
-            raise RuntimeError("load generator failed: " + "; ".join(errors))
-        return CellResult(spec, results, window)
-    finally:
-        for c in children:
-            c.join(5)
-            if c.is_alive():
-                c.terminate()
-                c.join(5)
+    """Run one commit-benchmark cell in fresh client processes; bounded in time."""
+    results, window = run_processes(_drive, spec, probe)
+    return CellResult(spec, results, window)
+
+
+def proc_stat() -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs."""
+    with open("/proc/stat") as f:
+        vals = [int(x) for x in f.readline().split()[1:]]
+    idle = vals[3] + vals[4]  # idle + iowait
+    total = sum(vals[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+class ProcessCpu(WindowProbe):
+    """CPU cores of each named server process tree, and of the whole machine, over the
+    measured window. ``restarted`` names the servers whose set of processes changed in the
+    window (a worker uvicorn replaced loses its CPU: flagged rather than guessed)."""
+
+    def __init__(self, servers: dict[str, Any]) -> None:
+        self.servers = servers  # name -> anything with .pids() (bench.servers.Server)
+        self.cores: dict[str, float] = {}
+        self.machine = 0.0
+        self.restarted: list[str] = []
+
+    def _sample(self) -> dict[str, dict[int, float]]:
+        import psutil
+
+        out: dict[str, dict[int, float]] = {}
+        for name, srv in self.servers.items():
+            per: dict[int, float] = {}
+            for pid in srv.pids():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    t = psutil.Process(pid).cpu_times()
+                    per[pid] = t.user + t.system
+            out[name] = per
+        return out
+
+    def begin(self) -> None:
+        self.t0 = time.monotonic()
+        self.s0 = self._sample()
+        self.m0 = proc_stat()
+
+    def end(self) -> None:
+        wall = time.monotonic() - self.t0
+        s1 = self._sample()
+        self.cores = {
+            k: sum(cpu - self.s0.get(k, {}).get(pid, 0.0) for pid, cpu in per.items()) / wall for k, per in s1.items()
+        }
+        self.restarted = [k for k, per in s1.items() if set(per) != set(self.s0.get(k, {}))]
+        busy, total = proc_stat()
+        self.machine = (busy - self.m0[0]) / max(1, total - self.m0[1]) * (os.cpu_count() or 1)

@@ -3,7 +3,7 @@
 Usage (from the repository root; see bench/README.md):
 
     .venv/bin/python -m bench.run                  # full run (< 15 min), writes RESULTS.md
-    .venv/bin/python -m bench.run --quick          # < 2 min smoke, results in /tmp
+    .venv/bin/python -m bench.run --quick          # < 3 min smoke, results in /tmp
     .venv/bin/python -m bench.run --check          # correctness self-check only
     .venv/bin/python -m bench.run --report bench/results/X.json   # re-render RESULTS.md
 
@@ -11,6 +11,8 @@ For each backend it starts agentbus (and the baseline for that backend) as uvico
 subprocesses on fresh stores, checks each server is correct (stale writes get 409, no lost
 updates), then runs every cell (contention x agents x system/mode) for a fixed time,
 interleaving systems cell by cell so a slow drift of the machine hits all of them alike.
+Last, per backend, the worker-scaling cells: agentbus alone on the same store with each
+``--scaling-workers`` count of uvicorn workers (default 1 and 2).
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import checks, report
-from bench.loadgen import CellResult, CellSpec, WindowProbe, run_cell
-from bench.servers import ROOT, Target, build_targets, pg_server_version, redis_server_version
+from bench.loadgen import CellResult, CellSpec, ProcessCpu, proc_stat, run_cell
+from bench.servers import ROOT, Target, agentbus_server, build_targets, pg_server_version, redis_server_version
 
 BACKENDS = ("sqlite", "postgres", "redis")
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
@@ -58,53 +60,7 @@ def percentiles(xs: list[float]) -> dict[str, float]:
     }
 
 
-def _proc_stat() -> tuple[int, int]:
-    """(busy, total) jiffies over all CPUs."""
-    with open("/proc/stat") as f:
-        vals = [int(x) for x in f.readline().split()[1:]]
-    idle = vals[3] + vals[4]  # idle + iowait
-    total = sum(vals[:8])  # guest time is already counted in user
-    return total - idle, total
-
-
-class CpuProbe(WindowProbe):
-    """Server process-tree CPU and machine-wide busy CPU over the measured window."""
-
-    def __init__(self, target: Target) -> None:
-        self.target = target
-        self.server_cores = 0.0
-        self.machine_cores = 0.0
-        self.restarted = False
-
-    def _server_cpu(self) -> dict[int, float]:
-        import psutil
-
-        out: dict[int, float] = {}
-        for pid in self.target.server.pids():
-            try:
-                t = psutil.Process(pid).cpu_times()
-                out[pid] = t.user + t.system
-            except psutil.NoSuchProcess:
-                pass
-        return out
-
-    def begin(self) -> None:
-        self.t0 = time.monotonic()
-        self.s0 = self._server_cpu()
-        self.m0 = _proc_stat()
-
-    def end(self) -> None:
-        wall = time.monotonic() - self.t0
-        s1 = self._server_cpu()
-        # A worker that uvicorn replaced mid-window loses its CPU; flag it rather than guess.
-        self.restarted = set(s1) != set(self.s0)
-        self.server_cores = sum(cpu - self.s0.get(pid, 0.0) for pid, cpu in s1.items()) / wall
-        busy, total = _proc_stat()
-        frac = (busy - self.m0[0]) / max(1, total - self.m0[1])
-        self.machine_cores = frac * (os.cpu_count() or 1)
-
-
-def summarize(target: Target, cell: CellResult, probe: CpuProbe, verify: list[str]) -> dict[str, Any]:
+def summarize(target: Target, cell: CellResult, probe: ProcessCpu, verify: list[str]) -> dict[str, Any]:
     spec = cell.spec
     ok = cell.merged("commit_ok")
     conflict = cell.merged("commit_conflict")
@@ -112,6 +68,7 @@ def summarize(target: Target, cell: CellResult, probe: CpuProbe, verify: list[st
     return {
         "backend": target.backend,
         "system": target.system,
+        "workers": target.workers,
         "mode": spec.mode,
         "contention": spec.contention,
         "concurrency": spec.concurrency,
@@ -132,9 +89,9 @@ def summarize(target: Target, cell: CellResult, probe: CpuProbe, verify: list[st
         },
         "cpu": {
             "client_cores": cell.client_cpu_s / spec.duration_s,
-            "server_cores": probe.server_cores,
-            "machine_busy_cores": probe.machine_cores,
-            "server_processes_changed": probe.restarted,
+            "server_cores": probe.cores["server"],
+            "machine_busy_cores": probe.machine,
+            "server_processes_changed": bool(probe.restarted),
         },
         "verify": verify,
     }
@@ -153,14 +110,15 @@ def one_cell(args: argparse.Namespace, target: Target, mode: str, contention: st
         duration_s=args.duration,
         procs=args.procs,
     )
-    probe = CpuProbe(target)
+    probe = ProcessCpu({"server": target.server})
     cell = run_cell(spec, probe)
     verify = checks.verify_versions(cell) if mode != "ping" else []
     out = summarize(target, cell, probe, verify)
     lat = out["latency_ms"]["commit"]
     nan = float("nan")
+    label = f"{target.label} w{target.workers}"
     print(
-        f"  {target.label:28s} {mode:4s} {contention:4s} {n:4d} agents: {out['commits_per_s']:8.0f}/s "
+        f"  {label:28s} {mode:4s} {contention:4s} {n:4d} agents: {out['commits_per_s']:8.0f}/s "
         f"p50 {lat.get('p50', nan):7.2f} ms p99 {lat.get('p99', nan):7.2f} ms "
         f"409 {100 * out['conflict_rate']:3.0f}% cpu client/server/all "
         f"{out['cpu']['client_cores']:.2f}/{out['cpu']['server_cores']:.2f}/{out['cpu']['machine_busy_cores']:.2f}"
@@ -170,6 +128,38 @@ def one_cell(args: argparse.Namespace, target: Target, mode: str, contention: st
         flush=True,
     )
     return out
+
+
+def worker_scaling(args: argparse.Namespace, main: Target, log_dir: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Worker-scaling cells: the backend's agentbus server again with each ``--scaling-workers``
+    count of uvicorn worker processes, one server at a time on the same store (the main
+    server is stopped first, so only one agentbus runs), ``--scaling-modes`` commits under
+    low contention at ``--scaling-concurrency`` agents."""
+    cells: list[dict[str, Any]] = []
+    main.server.stop()
+    store = main.server.env["AGENTBUS_STORE"]
+    env = {k: v for k, v in main.server.env.items() if k != "AGENTBUS_STORE"}
+    for w in args.scaling_workers:
+        d = log_dir / f"scaling-{w}-workers"
+        d.mkdir(parents=True, exist_ok=True)
+        t = Target("agentbus", main.backend, agentbus_server(store, w, d, env), args.scaling_modes, workers=w)
+        try:
+            t.server.start()
+        except RuntimeError as exc:
+            meta["cell_errors"].append(f"{t.label} with {w} workers did not start: {str(exc).splitlines()[0]}")
+            continue
+        try:
+            for mode in t.modes:
+                for n in args.scaling_concurrency:
+                    try:
+                        cells.append(one_cell(args, t, mode, "low", n))
+                    except Exception as exc:  # one broken cell must not lose the run
+                        msg = f"{t.label} w{w} {mode} low {n} agents failed: {exc}"
+                        meta["cell_errors"].append(msg)
+                        print(f"  {msg}\n{t.server.log_tail()}", flush=True)
+        finally:
+            t.server.stop()
+    return cells
 
 
 def check_target(args: argparse.Namespace, target: Target) -> dict[str, Any]:
@@ -219,9 +209,9 @@ BUSY_WARN_CORES = 0.25
 
 def background_busy(seconds: float = 2.0) -> float:
     """Cores the rest of the machine keeps busy while the bench is idle (noise floor)."""
-    b0, t0 = _proc_stat()
+    b0, t0 = proc_stat()
     time.sleep(seconds)
-    b1, t1 = _proc_stat()
+    b1, t1 = proc_stat()
     return (b1 - b0) / max(1, t1 - t0) * (os.cpu_count() or 1)
 
 
@@ -272,10 +262,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hot-keys", type=int, default=4, help="keys shared by all agents under high contention")
     p.add_argument("--contention", default="low,high", help="comma list of low,high")
     p.add_argument("--modes", default="ev,dl", help="agentbus commit modes: ev (expected_version), dl (delivery log)")
+    p.add_argument(
+        "--scaling-workers",
+        default="1,2",
+        help="worker-scaling cells: agentbus with each of these uvicorn worker counts (default 1,2; '' = none)",
+    )
+    p.add_argument(
+        "--scaling-concurrency", default=None, help="agents in the worker-scaling cells (default 8,32; quick 32)"
+    )
+    p.add_argument("--scaling-modes", default="ev", help="commit modes of the worker-scaling cells (default ev)")
     p.add_argument("--check-agents", type=int, default=32, help="agents in the counter self-check")
     p.add_argument("--check-seconds", type=float, default=None, help="seconds of the counter self-check (default 3)")
     p.add_argument("--no-calibration", action="store_true", help="skip the GET /healthz HTTP-ceiling cell")
-    p.add_argument("--quick", action="store_true", help="< 2 min smoke: 8,32 agents, 1 s cells, report in /tmp")
+    p.add_argument("--quick", action="store_true", help="< 3 min smoke: 8,32 agents, 1 s cells, report in /tmp")
     p.add_argument("--check", action="store_true", help="only the correctness self-checks; exit 1 on failure")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/<UTC time>.json)")
     p.add_argument("--results-md", type=Path, default=None, help="Markdown report (default bench/RESULTS.md)")
@@ -286,6 +285,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.duration = args.duration if args.duration is not None else (1.0 if quick else 5.0)
     args.warmup = args.warmup if args.warmup is not None else (0.5 if quick else 1.0)
     args.check_seconds = args.check_seconds if args.check_seconds is not None else (1.0 if quick else 3.0)
+    args.scaling_workers = [int(x) for x in args.scaling_workers.split(",") if x]
+    args.scaling_concurrency = [
+        int(x) for x in (args.scaling_concurrency or ("32" if quick else "8,32")).split(",") if x
+    ]
+    args.scaling_modes = tuple(m for m in args.scaling_modes.split(",") if m)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     if args.out is None:
         scratch = Path(tempfile.gettempdir())
@@ -335,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             "workers": args.workers,
             "procs": args.procs,
             "hot_keys": args.hot_keys,
+            "scaling_workers": args.scaling_workers,
+            "scaling_concurrency": args.scaling_concurrency,
             "quick": args.quick,
             "check_only": args.check,
             "machine": {**machine_info(), "loadavg_before": loadavg()},
@@ -345,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "checks": [],
         "cells": [],
+        "scaling_cells": [],
     }
     meta = res["meta"]
     meta["machine"]["background_busy_cores"] = background_busy()
@@ -411,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
                                     msg = f"{t.label} {mode} {contention} {n} agents failed: {exc}"
                                     meta["cell_errors"].append(msg)
                                     print(f"  {msg}\n{t.server.log_tail()}", flush=True)
+                main = next((t for t in live if t.system == "agentbus"), None)
+                if main is not None and args.scaling_workers:
+                    res["scaling_cells"] += worker_scaling(args, main, log_dir, meta)
             finally:
                 for t in targets:
                     for problem in t.cleanup():
@@ -426,14 +436,17 @@ def main(argv: list[str] | None = None) -> int:
         + meta["cell_errors"]
         + [
             f"{c['system']}/{c['backend']} {c['mode']} {c['contention']} {c['concurrency']}"
-            for c in res["cells"]
+            for c in res["cells"] + res["scaling_cells"]
             if c["verify"]
         ]
     )
     if not args.check:
         write_report(res, args.results_md, args.out.with_suffix(".png"))
     ran = ", ".join(c["target"] for c in res["checks"]) or "nothing"
-    print(f"done in {meta['elapsed_s']:.0f} s; checked {ran}; {len(res['cells'])} cells")
+    print(
+        f"done in {meta['elapsed_s']:.0f} s; checked {ran}; {len(res['cells'])} cells "
+        f"+ {len(res['scaling_cells'])} worker-scaling cells"
+    )
     for note in meta["notes"]:
         print(f"  note: {note}")
     print(f"server logs: {logs_root}")

@@ -260,6 +260,7 @@ class Target:
     server: Server
     modes: tuple[str, ...]
     cleanups: list[tuple[str, str]] = field(default_factory=list)  # ("pg", url) | ("redis", prefix)
+    workers: int = 1  # uvicorn worker processes of the server
 
     @property
     def label(self) -> str:
@@ -289,7 +290,9 @@ def build_targets(backend: str, workers: int, log_dir: Path, tmp: Path, targets:
     if backend == "sqlite":
         store = f"sqlite:///{tmp / 'agentbus-bench.db'}"
         migrate(store)
-        targets.append(Target("agentbus", "sqlite", agentbus_server(store, workers, log_dir), ("ev", "dl")))
+        targets.append(
+            Target("agentbus", "sqlite", agentbus_server(store, workers, log_dir), ("ev", "dl"), workers=workers)
+        )
         notes.append("sqlite: no hand-written baseline (the issue asks for PostgreSQL and Redis baselines)")
     elif backend == "postgres":
         why = pg_available()
@@ -302,12 +305,13 @@ def build_targets(backend: str, workers: int, log_dir: Path, tmp: Path, targets:
                 "expect 'too many clients' errors (raise max_connections or stop other clients)"
             )
         url = pg_create("agentbus_bench")
-        t = Target("agentbus", "postgres", agentbus_server(url, workers, log_dir), ("ev", "dl"), [("pg", url)])
+        srv = agentbus_server(url, workers, log_dir)
+        t = Target("agentbus", "postgres", srv, ("ev", "dl"), [("pg", url)], workers=workers)
         targets.append(t)
         migrate(url)
         base_url = pg_create("agentbus_bench_base")
         base = baseline_server("pg_serializable", workers, log_dir, {"BENCH_PG_URL": base_url})
-        targets.append(Target("pg-serializable", "postgres", base, ("ev",), [("pg", base_url)]))
+        targets.append(Target("pg-serializable", "postgres", base, ("ev",), [("pg", base_url)], workers=workers))
         from bench.baselines.pg_serializable import create_schema
 
         asyncio.run(create_schema(base_url))
@@ -321,12 +325,12 @@ def build_targets(backend: str, workers: int, log_dir: Path, tmp: Path, targets:
         else:
             prefix = f"abbench{tag}"
             srv = agentbus_server(REDIS_URL, workers, log_dir, {"AGENTBUS_REDIS_PREFIX": prefix})
-            targets.append(Target("agentbus", "redis", srv, ("ev", "dl"), [("redis", prefix)]))
+            targets.append(Target("agentbus", "redis", srv, ("ev", "dl"), [("redis", prefix)], workers=workers))
         bprefix = f"abbase{tag}"
         base = baseline_server(
             "redis_watch", workers, log_dir, {"BENCH_REDIS_URL": REDIS_URL, "BENCH_REDIS_PREFIX": bprefix}
         )
-        targets.append(Target("redis-watch", "redis", base, ("ev",), [("redis", bprefix)]))
+        targets.append(Target("redis-watch", "redis", base, ("ev",), [("redis", bprefix)], workers=workers))
     else:
         raise ValueError(f"unknown backend {backend!r}")
     return notes
