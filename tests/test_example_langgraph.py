@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT
-from tests.llama import MODEL_NAME, llama_server  # noqa: F401 - fixture
+from tests.llama import MODEL_NAME
 from tests.upstream import FakeUpstream
 
 EXAMPLE = ROOT / "examples" / "langgraph_team.py"
@@ -28,16 +28,23 @@ def check(out: subprocess.CompletedProcess[str]) -> str:
     return text
 
 
-def test_langgraph_team_with_the_real_model(llama_server: str) -> None:  # noqa: F811
-    """Default mode: the example starts its own agentbus whose broker points at the model."""
+def test_langgraph_team_with_the_real_model() -> None:
+    """The one-command mode: the example starts the local model server (the venv that
+    ``make model-server`` builds) and its own agentbus whose broker points at it."""
+    from tests.conftest import unavailable
+    from tests.llama import LLAMA_PY, LLAMA_VENV
+
+    if not LLAMA_PY.exists():
+        unavailable(f"the llama.cpp server venv ({LLAMA_VENV}; build it with `make model-server`)")
     out = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--model-url", llama_server, "--model", MODEL_NAME, "--max-tokens", "32"],
+        [sys.executable, str(EXAMPLE), "--model", MODEL_NAME, "--max-tokens", "32"],
         capture_output=True,
         text=True,
         timeout=1200,  # a 270m model on two loaded cores: a few seconds per call, sometimes far more
         cwd=ROOT,
     )
     text = check(out)
+    assert "started the local model server" in text
     assert "started an embedded agentbus" in text
     # 6 calls: planner, two writers, the redo of the one that conflicted, reviewer.
     assert "; 5 model calls" in out.stdout or "; 6 model calls" in out.stdout, text
