@@ -69,9 +69,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(traces.router)
     app.state.mcp = None
     if settings.mcp_enabled:
-        from agentbus.mcp.server import McpMount
+        from agentbus.mcp.mount import LazyMcp
 
-        app.state.mcp = McpMount(settings)
+        app.state.mcp = LazyMcp(settings)
         app.add_route("/mcp", app.state.mcp, methods=["GET", "POST", "DELETE"], include_in_schema=False)
     app.include_router(ui_routes.router)
     if settings.sbus_compat:
