@@ -226,6 +226,52 @@ def test_postgres_outage_mid_load(pg_database: str, tmp_path: Path, space: str) 
             srv.stop()
 
 
+def _pg_cluster() -> list[str] | None:
+    """``pg_ctlcluster`` arguments of the local cluster serving 127.0.0.1:5432, if we may restart it."""
+    import shutil
+
+    if shutil.which("pg_ctlcluster") is None or not Path("/etc/postgresql").is_dir() or os.geteuid() != 0:
+        return None
+    versions = sorted(p.name for p in Path("/etc/postgresql").iterdir() if (p / "main").is_dir())
+    return ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main"] if versions else None
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_postgres_restart_mid_load(pg_database: str, tmp_path: Path, space: str) -> None:
+    """The real thing, not a proxy: the PostgreSQL server is restarted (fast shutdown, then
+    start) while 12 agents read and commit through two bus processes. Requests answer 503
+    (retryable) while it is down, never 500 or a hang; both processes recover on their own
+    (stale pooled connections are dropped); nothing acknowledged is lost."""
+    import subprocess
+
+    from tests.conftest import unavailable
+
+    cluster = _pg_cluster()
+    if cluster is None:
+        unavailable("a local PostgreSQL cluster this user may restart (pg_ctlcluster as root)")
+    migrate(pg_database)
+    srv = Server(store=pg_database, env=dev_env(), log_dir=tmp_path).start(2)
+    try:
+
+        async def fault() -> None:
+            proc = await asyncio.create_subprocess_exec(*cluster, "restart", "-m", "fast")
+            assert await asyncio.wait_for(proc.wait(), 60) == 0, "pg_ctlcluster restart failed"
+            await asyncio.sleep(0.5)
+
+        _, rec, t0, t1 = run(outage_under_load(srv.urls, space, fault))
+        during = rec.statuses(t0, t1)
+        assert during[503] > 0, f"no 503 while PostgreSQL restarted: {during}"
+        assert rec.statuses(t0)[500] == 0
+        for url in srv.urls:
+            assert run(readyz(url)).status_code == 200
+    finally:
+        srv.stop()
+        # Never leave the shared server down for the rest of the suite.
+        if subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", "5432", "-q"]).returncode != 0:
+            subprocess.run([*cluster, "start"], check=False)
+
+
 # --------------------------------------------------------------------------- Redis
 @pytest.mark.redis
 def test_redis_connections_dropped_mid_load(redis_url: str, tmp_path: Path, space: str) -> None:

@@ -42,7 +42,16 @@ _UNAVAILABLE = (
     asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.TooManyConnectionsError,
+    # A connection whose operation the server cut off: "cannot switch to state N; another
+    # operation is in progress" (seen during a PostgreSQL restart).
+    asyncpg.exceptions.InternalClientError,
 )
+
+
+def _unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, _UNAVAILABLE):
+        return True
+    return isinstance(exc, asyncpg.PostgresError) and transient_sqlstate(getattr(exc, "sqlstate", None))
 
 
 def dsn(url: str) -> str:
@@ -91,11 +100,16 @@ class PostgresStore(SQLStore):
         try:
             pool = await self._get_pool()
             async with pool.acquire(timeout=self.settings.pool_timeout_s) as conn:
-                yield conn
-        except _UNAVAILABLE as exc:
-            raise BackendUnavailable(_describe(exc)) from exc
-        except asyncpg.PostgresError as exc:
-            if transient_sqlstate(getattr(exc, "sqlstate", None)):
+                try:
+                    yield conn
+                except BaseException as exc:
+                    if _unavailable(exc):
+                        # The server went away mid-operation (restart, partition): this
+                        # connection's protocol state is unknown, so it must not be reused.
+                        conn.terminate()
+                    raise
+        except BaseException as exc:
+            if _unavailable(exc):
                 raise BackendUnavailable(_describe(exc)) from exc
             raise
 
