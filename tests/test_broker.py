@@ -1034,7 +1034,9 @@ def test_client_leaving_a_stream_frees_the_endpoint_and_settles(bk: Bk, ups: Cal
     body = {"model": MODEL, "messages": [{"role": "user", "content": "go on forever"}], "stream": True}
     with bk.http.stream("POST", "/v1/chat/completions", json=body, headers=auth(tok)) as r:
         assert r.status_code == 200
-        first = next(r.iter_bytes())
+        # Keep the iterator: a dropped one is closed at once, which hangs up the stream.
+        chunks = r.iter_bytes()
+        first = next(chunks)
         assert first.startswith(b"data: ") and b'"delta"' in first, first
         assert bk.used(tok)["inflight"] == 1, first
     # The caller hung up: the broker must notice, stop relaying, settle and free the slot.

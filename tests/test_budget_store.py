@@ -61,6 +61,9 @@ async def open_budgets(
     # sync: these tests are about atomicity, not durability, and FULL is slow on a busy disk.
     store = open_store(Settings(pool_size=pool_size, sqlite_synchronous="NORMAL"), t.url)
     await store.start()
+    # Each SQL dialect has its own budget hot path; make sure it is the one under test.
+    expected = "SQLiteBudgetStore" if t.backend == "sqlite" else "SQLBudgetStore"
+    assert type(store.budgets).__name__ == expected  # type: ignore[attr-defined]
     return store.budgets, store.close
 
 

@@ -114,6 +114,9 @@ class SQLiteStore(SQLStore):
         await super().start()
         self._path = database
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentbus-sqlite-writer")
+        from agentbus.store.sqlite_budget import SQLiteBudgetStore
+
+        self.budgets = SQLiteBudgetStore(self)
 
     async def close(self) -> None:
         executor, self._executor = self._executor, None

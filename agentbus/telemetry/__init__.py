@@ -25,6 +25,8 @@ from agentbus.telemetry.spans import ReadSetTally
 from agentbus.telemetry.tracing import make_provider
 
 log = logging.getLogger("agentbus.telemetry")
+# The budget-remaining gauges of one principal are refreshed at most this often.
+GAUGE_EVERY_S = 1.0
 
 
 class Telemetry:
@@ -36,6 +38,7 @@ class Telemetry:
         self.traces: TraceStore | None = None
         self.sink: TraceSink | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._gauges_at: dict[tuple[str, str], float] = {}
 
     async def start(self, store: Store) -> None:
         if not self.settings.trace_store:
@@ -61,13 +64,29 @@ class Telemetry:
             self.sink.put(event)
 
     def update_budget_gauges(self, broker: Any, principal: Any) -> None:
-        """After a settle: what remains of the caller's scopes, read in the background."""
+        """After a settle: what remains of the caller's scopes, read in the background.
+
+        At most once per second per principal, and never for a caller without token, cost or
+        request limits (there is no remaining to report): the read is a store round trip,
+        which on every call would be a large part of what the broker adds to it."""
+        scopes = broker.scopes(principal)
+        if not any(
+            lim.max_tokens is not None or lim.max_cost is not None or lim.max_requests is not None
+            for lim in scopes.values()
+        ):
+            return
+        who = (principal.tenant, principal.subject)
+        now = time.monotonic()
+        if now - self._gauges_at.get(who, -1e9) < GAUGE_EVERY_S:
+            return
+        if len(self._gauges_at) > 10_000:
+            self._gauges_at.clear()
+        self._gauges_at[who] = now
 
         async def update() -> None:
             from agentbus.broker import budget as b
 
             try:
-                scopes = broker.scopes(principal)
                 counters = await broker.store.budgets.counters(scopes, time.time())
                 for key, limits in scopes.items():
                     left = b.remaining(counters[key], limits)
