@@ -1027,10 +1027,16 @@ def test_time_budget_bounds_the_whole_call_not_each_read(bk: Bk) -> None:
         slow.stop()
 
 
-def test_client_leaving_a_stream_frees_the_endpoint_and_settles(bk: Bk, ups: Callable[..., Upstream]) -> None:
+@pytest.mark.parametrize("limited", [True, False], ids=["with-budget", "unlimited"])
+def test_client_leaving_a_stream_frees_the_endpoint_and_settles(
+    bk: Bk, ups: Callable[..., Upstream], limited: bool
+) -> None:
+    """A caller with a budget holds a reservation while streaming (inflight 1); one without
+    any limit reserves nothing and is charged once at the end. Either way the hang-up frees
+    the endpoint and what was streamed is counted."""
     endless = ups("a", completion_words=1_000_000)  # ~20 minutes of chunks
     bk.configure({"endpoints": [endless.endpoint(max_concurrency=1)]})
-    tok = bk.token()
+    tok = bk.token(budgets={"max_tokens": 10_000_000} if limited else None)
     body = {"model": MODEL, "messages": [{"role": "user", "content": "go on forever"}], "stream": True}
     with bk.http.stream("POST", "/v1/chat/completions", json=body, headers=auth(tok)) as r:
         assert r.status_code == 200
@@ -1038,11 +1044,11 @@ def test_client_leaving_a_stream_frees_the_endpoint_and_settles(bk: Bk, ups: Cal
         chunks = r.iter_bytes()
         first = next(chunks)
         assert first.startswith(b"data: ") and b'"delta"' in first, first
-        assert bk.used(tok)["inflight"] == 1, first
+        assert bk.used(tok)["inflight"] == (1 if limited else 0), first
     # The caller hung up: the broker must notice, stop relaying, settle and free the slot.
     deadline = time.monotonic() + 15
-    while (used := bk.used(tok))["inflight"] != 0:
-        assert time.monotonic() < deadline, "the reservation of an abandoned stream was never settled"
+    while (used := bk.used(tok))["inflight"] != 0 or used["requests"] != 1:
+        assert time.monotonic() < deadline, f"the abandoned stream was never settled: {used}"
         time.sleep(0.1)
     assert used["tokens"] > 0  # what was streamed before the hang-up is charged
     endless.completion_words = 5

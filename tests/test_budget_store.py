@@ -155,6 +155,52 @@ def test_reserve_charges_every_scope_and_settle_swaps_in_actual(target: Target) 
     run(target, body)
 
 
+def test_charge_leaves_what_reserve_plus_settle_would(target: Target) -> None:
+    """The one-step charge for callers without limits: the same counters as a reservation of
+    the actual usage settled at once (released calls give their request back), on two sets
+    of scopes side by side, windows included."""
+    ten_a, ten_b = tenant(), tenant()
+    now = minute_now()
+
+    def scopes(ten: str) -> dict[str, Limits]:
+        return {f"t:{ten}": Limits(window_s=3600), f"p:{ten}/alice": Limits()}
+
+    calls = [(Amount(120, 0.01), False), (Amount(0, 0.0), True), (Amount(7, 0.5), False), (Amount(40), True)]
+
+    async def body(s: BudgetStore) -> None:
+        for i, (actual, release) in enumerate(calls):
+            t = now + i
+            await s.charge(scopes(ten_a), actual, t, release=release)
+            res = await s.reserve(scopes(ten_b), actual, t, TTL)
+            assert isinstance(res, Reservation)
+            assert await s.settle(res, actual, t, release=release)
+        t = now + len(calls)
+        got_a = await s.counters(scopes(ten_a), t)
+        got_b = await s.counters(scopes(ten_b), t)
+        assert list(got_a.values()) == list(got_b.values())
+        c = got_a[f"t:{ten_a}"]
+        assert (c.tokens, c.requests, c.minute_requests, c.inflight) == (167, 2, 4, 0)
+        assert c.cost == pytest.approx(0.51)
+        with pytest.raises(ValueError):
+            await s.charge({}, Amount(1), t)
+
+    run(target, body)
+
+
+def test_concurrent_charges_are_all_counted(target: Target) -> None:
+    ten = tenant()
+    scopes = {f"t:{ten}": Limits(), f"p:{ten}/bob": Limits()}
+    now = minute_now()
+
+    async def body(s: BudgetStore) -> None:
+        await asyncio.gather(*(s.charge(scopes, Amount(3, 0.25), now) for _ in range(40)))
+        for c in (await s.counters(scopes, now)).values():
+            assert (c.tokens, c.requests, c.inflight) == (120, 40, 0)
+            assert c.cost == pytest.approx(10.0)
+
+    run(target, body)
+
+
 def test_denial_writes_nothing_and_names_the_first_scope(target: Target) -> None:
     ten = tenant()
     ts, ps = f"t:{ten}", f"p:{ten}/bob"

@@ -176,6 +176,27 @@ def settle(
     )
 
 
+def charge(counter: Counter, actual: Amount, *, release: bool = False) -> Counter:
+    """Reserve and settle ``actual`` in one step (``counter`` must be rolled): for callers
+    without limits there is nothing to admit or hold, only usage to count."""
+    return settle(reserve(counter, actual), actual, actual, release=release)
+
+
+def unlimited(limits: Limits) -> bool:
+    """No limit at all: such a scope never denies, so its calls need no reservation."""
+    return all(
+        v is None
+        for v in (
+            limits.max_tokens,
+            limits.max_cost,
+            limits.max_requests,
+            limits.rpm,
+            limits.tpm,
+            limits.max_concurrent,
+        )
+    )
+
+
 def remaining(counter: Counter, limits: Limits) -> dict[str, Any]:
     """What is left, for GET /v1/budget."""
 

@@ -115,6 +115,9 @@ class CallContext:
     deadline: Deadline
     started: float
     reservation: Reservation | None = None
+    # Scopes of a caller without any limit: nothing is reserved, the usage is charged once
+    # at the end (one backend write instead of two). None once charged.
+    charge_scopes: dict[str, b.Limits] | None = None
     span: Any = None  # agentbus.telemetry.spans.BrokerTrace
 
 
@@ -243,6 +246,10 @@ class Broker:
 
     async def _reserve(self, ctx: CallContext) -> None:
         scopes = self.scopes(ctx.principal)
+        if all(b.unlimited(lim) for lim in scopes.values()):
+            # Nothing can be denied and no concurrency is capped: count the call at the end.
+            ctx.charge_scopes = scopes
+            return
         amount = self.estimate(ctx)
         ttl = self._reservation_ttl(ctx)
         res = await self.store.budgets.reserve(scopes, amount, time.time(), ttl)
@@ -270,9 +277,18 @@ class Broker:
         return longest + 60.0
 
     async def _settle(self, ctx: CallContext, tokens_in: int, tokens_out: int, *, release: bool = False) -> None:
-        if ctx.reservation is None:
+        if ctx.reservation is None and ctx.charge_scopes is None:
             return
         actual = b.Amount(tokens=tokens_in + tokens_out, cost=self.price(ctx.upstream_model, tokens_in, tokens_out))
+        if ctx.charge_scopes is not None:
+            scopes, ctx.charge_scopes = ctx.charge_scopes, None
+            try:
+                await self.store.budgets.charge(scopes, actual, time.time(), release=release)
+            except AgentbusError:
+                # No limit depends on it; the usage record still has the call.
+                log.warning("counting a call's usage failed", exc_info=True)
+            return
+        assert ctx.reservation is not None
         try:
             await self.store.budgets.settle(ctx.reservation, actual, time.time(), release=release)
         except AgentbusError:
@@ -419,7 +435,7 @@ class Broker:
             try:
                 return await self._attempts(ctx, incoming_headers)
             except BaseException:
-                if ctx.reservation is not None:
+                if ctx.reservation is not None or ctx.charge_scopes is not None:
                     await self._settle(ctx, 0, 0, release=True)
                 raise
 

@@ -191,6 +191,13 @@ class BudgetStore(abc.ABC):
         was already settled or swept."""
 
     @abc.abstractmethod
+    async def charge(self, scopes: dict[str, Limits], actual: Amount, now: float, *, release: bool = False) -> None:
+        """Count one finished call's ``actual`` usage on every scope, atomically: what
+        ``reserve`` + ``settle`` would leave, in one step. Only for scopes without limits
+        (:func:`agentbus.broker.budget.unlimited`), which can never deny; it halves the
+        backend writes of such calls."""
+
+    @abc.abstractmethod
     async def counters(self, scopes: dict[str, Limits], now: float) -> dict[str, Counter]:
         """Current (rolled) counters, read-only."""
 

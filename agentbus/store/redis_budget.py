@@ -84,6 +84,7 @@ class RedisBudgetStore(BudgetStore):
         self._reserve = client.register_script(_load("budget_reserve"))
         self._settle = client.register_script(_load("budget_settle"))
         self._reset = client.register_script(_load("budget_reset"))
+        self._charge = client.register_script(_load("budget_charge"))
         # Tenants this instance has already added to the tenants set (it only ever grows).
         self._indexed: set[str] = set()
 
@@ -183,6 +184,19 @@ class RedisBudgetStore(BudgetStore):
             return res
         _, scope, reason, retry, limit, used = (_text(x) for x in out)
         return Denial(scope=scope, reason=reason, retry_after_s=float(retry), limit=float(limit), used=float(used))
+
+    async def charge(self, scopes: dict[str, Limits], actual: Amount, now: float, *, release: bool = False) -> None:
+        if not scopes:
+            raise ValueError("charge needs at least one scope")
+        keys = sorted(scopes)
+        tenants = {scope_tenant(k) for k in keys}
+        if len(tenants) != 1:
+            raise ValueError(f"the scopes of one charge must share a tenant, got {sorted(tenants)}")
+        argv: list[str] = [repr(float(now)), str(int(actual.tokens)), repr(float(actual.cost)), "1" if release else "0"]
+        argv += [repr(float(scopes[k].window_s)) for k in keys]
+        async with self._guard():
+            await self._index(tenants.pop())
+            await self._charge(keys=[self._counter_key(k) for k in keys], args=argv)
 
     async def settle(self, reservation: Reservation, actual: Amount, now: float, *, release: bool = False) -> bool:
         async with self._guard():

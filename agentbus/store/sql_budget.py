@@ -135,6 +135,23 @@ class SQLBudgetStore(BudgetStore):
             )
         return res
 
+    async def charge(self, scopes: dict[str, Limits], actual: Amount, now: float, *, release: bool = False) -> None:
+        if not scopes:
+            raise ValueError("charge needs at least one scope")
+        async with self.sql._tx() as conn:
+            stored = await self._lock_counters(conn, scopes)
+            rows = []
+            for key in sorted(scopes):
+                counter = b.charge(b.roll(stored[key], scopes[key], now), actual, release=release)
+                row = {"scope": key, "window_s": scopes[key].window_s, **_counter_row(counter)}
+                rows.append({f"b_{k}": v for k, v in row.items()})
+            await conn.execute(
+                update(budget_counters)
+                .where(budget_counters.c.scope == bindparam("b_scope"))
+                .values({c: bindparam(f"b_{c}") for c in ("window_s", *_COUNTER_FIELDS)}),
+                rows,
+            )
+
     async def settle(self, reservation: Reservation, actual: Amount, now: float, *, release: bool = False) -> bool:
         async with self.sql._tx() as conn:
             row = (

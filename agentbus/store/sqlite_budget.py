@@ -54,6 +54,11 @@ class SQLiteBudgetStore(SQLBudgetStore):
     async def settle(self, reservation: Reservation, actual: Amount, now: float, *, release: bool = False) -> bool:
         return await self.sql._run(_settle, reservation.id, actual, now, release)
 
+    async def charge(self, scopes: dict[str, Limits], actual: Amount, now: float, *, release: bool = False) -> None:
+        if not scopes:
+            raise ValueError("charge needs at least one scope")
+        await self.sql._run(_charge, scopes, actual, now, release)
+
     async def record_usage(self, rec: UsageRecord) -> None:
         await self.sql._run(_add_usage, rec)
 
@@ -80,6 +85,18 @@ def _reserve(
         ADD_RESERVATION, (res.id, json.dumps(list(res.scopes)), amount.tokens, amount.cost, now, res.expires_at)
     )
     return res
+
+
+def _charge(conn: sqlite3.Connection, scopes: dict[str, Limits], actual: Amount, now: float, release: bool) -> None:
+    zero = tuple(getattr(Counter(), f) for f in _FIELDS)
+    new: list[tuple[object, ...]] = []
+    for key in sorted(scopes):
+        limits = scopes[key]
+        row = conn.execute(LOCK_COUNTER, (key, limits.window_s, *zero)).fetchone()
+        counter = b.roll(Counter(**dict(zip(_FIELDS, row, strict=True))), limits, now)
+        counter = b.charge(counter, actual, release=release)
+        new.append((limits.window_s, *(getattr(counter, f) for f in _FIELDS), key))
+    conn.executemany(STORE_COUNTER, new)
 
 
 def _settle(conn: sqlite3.Connection, reservation_id: str, actual: Amount, now: float, release: bool) -> bool:
