@@ -986,21 +986,38 @@ def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
     if server is None or cli is None:
         pytest.skip("SKIPPING: redis-server/redis-cli not installed, cannot start a Redis Cluster")
     root = tmp_path_factory.mktemp("cluster")
-    ports = _cluster_ports(3)
-    procs = []
-    try:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start_nodes() -> list[int] | None:
+        """Three nodes on fresh ports; None if one exited (its port was taken meanwhile)."""
+        ports = _cluster_ports(3)
         for port in ports:
-            d = root / str(port)
+            d = root / f"{port}-{uuid.uuid4().hex[:6]}"
             d.mkdir()
             args = [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes"]
             args += ["--cluster-config-file", "nodes.conf", "--dir", str(d), "--save", "", "--appendonly", "no"]
             procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.monotonic() + 30
-        for port in ports:
+        for port, proc in zip(ports, procs[-3:], strict=True):
             while not _port_ready(port):
+                if proc.poll() is not None:
+                    return None
                 if time.monotonic() > deadline:
                     pytest.fail("the test Redis Cluster nodes did not start")
                 time.sleep(0.05)
+        return ports
+
+    try:
+        for _ in range(3):
+            started = start_nodes()
+            if started is not None:
+                break
+            for proc in procs:
+                proc.terminate()
+            procs.clear()
+        else:
+            pytest.fail("the test Redis Cluster nodes kept exiting at start (ports taken?)")
+        ports = started
         nodes = [f"127.0.0.1:{p}" for p in ports]
         subprocess.run(
             [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
@@ -1029,7 +1046,9 @@ def _cluster_ports(n: int) -> list[int]:
     rng = random.Random()
     ports: list[int] = []
     while len(ports) < n:
-        port = rng.randrange(20000, 40000)
+        # Bus ports (port + 10000) stay below Linux's ephemeral range (32768+), where an
+        # outgoing connection may hold the port at any moment.
+        port = rng.randrange(20000, 22700)
         if port not in ports and not _port_ready(port) and not _port_ready(port + 10000):
             ports.append(port)
     return ports
