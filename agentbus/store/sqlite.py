@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -94,6 +95,7 @@ STORE_IDEM = (
 )
 
 _TRANSIENT = ("database is locked", "database is busy", "disk i/o error")
+BUSY_RETRIES = 4
 
 
 class SQLiteStore(SQLStore):
@@ -154,6 +156,20 @@ class SQLiteStore(SQLStore):
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._in_tx, fn, args)
 
     def _in_tx(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        """Retries a transaction that found the database busy (every such attempt rolled back
+        whole, so nothing is applied twice): a busy timeout does not cover every case, e.g.
+        several processes opening a WAL database at once, which can answer "database is
+        locked" without waiting."""
+        for attempt in range(BUSY_RETRIES):
+            try:
+                return self._in_tx_once(fn, args)
+            except BackendUnavailable:
+                if attempt == BUSY_RETRIES - 1:
+                    raise
+                time.sleep(0.02 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _in_tx_once(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         try:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
