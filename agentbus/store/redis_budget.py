@@ -52,6 +52,17 @@ SWEEP_BATCH = 500
 _FIELDS = b.COUNTER_FIELDS
 
 
+def _one_tenant(scopes: dict[str, Limits], what: str) -> tuple[list[str], str]:
+    """The scope keys in lock order and their one tenant (one script touches one hash slot)."""
+    if not scopes:
+        raise ValueError(f"{what} needs at least one scope")
+    keys = sorted(scopes)
+    tenants = {scope_tenant(k) for k in keys}
+    if len(tenants) != 1:
+        raise ValueError(f"the scopes of one {what} must share a tenant, got {sorted(tenants)}")
+    return keys, tenants.pop()
+
+
 def scope_tenant(scope: str) -> str:
     """The tenant a scope key belongs to: ``t:<tenant>`` or ``p:<tenant>/<subject>``."""
     kind, _, rest = scope.partition(":")
@@ -134,13 +145,7 @@ class RedisBudgetStore(BudgetStore):
     async def reserve(
         self, scopes: dict[str, Limits], amount: Amount, now: float, ttl_s: float
     ) -> Reservation | Denial:
-        if not scopes:
-            raise ValueError("reserve needs at least one scope")
-        keys = sorted(scopes)
-        tenants = {scope_tenant(k) for k in keys}
-        if len(tenants) != 1:
-            raise ValueError(f"the scopes of one reservation must share a tenant, got {sorted(tenants)}")
-        tenant = tenants.pop()
+        keys, tenant = _one_tenant(scopes, "reserve")
         res = Reservation(
             id=uuid.uuid4().hex,
             scopes=tuple(keys),
@@ -186,16 +191,11 @@ class RedisBudgetStore(BudgetStore):
         return Denial(scope=scope, reason=reason, retry_after_s=float(retry), limit=float(limit), used=float(used))
 
     async def charge(self, scopes: dict[str, Limits], actual: Amount, now: float, *, release: bool = False) -> None:
-        if not scopes:
-            raise ValueError("charge needs at least one scope")
-        keys = sorted(scopes)
-        tenants = {scope_tenant(k) for k in keys}
-        if len(tenants) != 1:
-            raise ValueError(f"the scopes of one charge must share a tenant, got {sorted(tenants)}")
+        keys, tenant = _one_tenant(scopes, "charge")
         argv: list[str] = [repr(float(now)), str(int(actual.tokens)), repr(float(actual.cost)), "1" if release else "0"]
         argv += [repr(float(scopes[k].window_s)) for k in keys]
         async with self._guard():
-            await self._index(tenants.pop())
+            await self._index(tenant)
             await self._charge(keys=[self._counter_key(k) for k in keys], args=argv)
 
     async def settle(self, reservation: Reservation, actual: Amount, now: float, *, release: bool = False) -> bool:

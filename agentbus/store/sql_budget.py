@@ -84,6 +84,20 @@ class SQLBudgetStore(BudgetStore):
         row = (await conn.execute(q)).first()
         return None if row is None else (_counter(row), float(row.window_s))
 
+    async def _store_counters(self, conn: AsyncConnection, rows: list[tuple[str, float, Counter]]) -> None:
+        """(scope, window_s, counter) rows in one executemany: fewer round trips while the
+        rows are locked."""
+        params = []
+        for scope, window_s, counter in rows:
+            row = {"scope": scope, "window_s": window_s, **_counter_row(counter)}
+            params.append({f"b_{k}": v for k, v in row.items()})
+        await conn.execute(
+            update(budget_counters)
+            .where(budget_counters.c.scope == bindparam("b_scope"))
+            .values({c: bindparam(f"b_{c}") for c in ("window_s", *_COUNTER_FIELDS)}),
+            params,
+        )
+
     async def _store_counter(self, conn: AsyncConnection, scope: str, counter: Counter) -> None:
         await conn.execute(
             update(budget_counters).where(budget_counters.c.scope == scope).values(**_counter_row(counter))
@@ -98,7 +112,7 @@ class SQLBudgetStore(BudgetStore):
         keys = sorted(scopes)
         async with self.sql._tx() as conn:
             stored = await self._lock_counters(conn, scopes)
-            charged: list[dict[str, Any]] = []
+            charged: list[tuple[str, float, Counter]] = []
             for key in keys:
                 limits = scopes[key]
                 counter = b.roll(stored[key], limits, now)
@@ -107,15 +121,8 @@ class SQLBudgetStore(BudgetStore):
                     # Nothing written: the transaction ends with only the (harmless) zero
                     # rows the upsert may have created.
                     return denial
-                row = {"scope": key, "window_s": limits.window_s, **_counter_row(b.reserve(counter, amount))}
-                charged.append({f"b_{k}": v for k, v in row.items()})
-            # One executemany for all scopes: fewer round trips while the rows are locked.
-            await conn.execute(
-                update(budget_counters)
-                .where(budget_counters.c.scope == bindparam("b_scope"))
-                .values({c: bindparam(f"b_{c}") for c in ("window_s", *_COUNTER_FIELDS)}),
-                charged,
-            )
+                charged.append((key, limits.window_s, b.reserve(counter, amount)))
+            await self._store_counters(conn, charged)
             res = Reservation(
                 id=uuid.uuid4().hex,
                 scopes=tuple(keys),
@@ -140,17 +147,11 @@ class SQLBudgetStore(BudgetStore):
             raise ValueError("charge needs at least one scope")
         async with self.sql._tx() as conn:
             stored = await self._lock_counters(conn, scopes)
-            rows = []
-            for key in sorted(scopes):
-                counter = b.charge(b.roll(stored[key], scopes[key], now), actual, release=release)
-                row = {"scope": key, "window_s": scopes[key].window_s, **_counter_row(counter)}
-                rows.append({f"b_{k}": v for k, v in row.items()})
-            await conn.execute(
-                update(budget_counters)
-                .where(budget_counters.c.scope == bindparam("b_scope"))
-                .values({c: bindparam(f"b_{c}") for c in ("window_s", *_COUNTER_FIELDS)}),
-                rows,
-            )
+            charged = [
+                (key, lim.window_s, b.charge(b.roll(stored[key], lim, now), actual, release=release))
+                for key, lim in sorted(scopes.items())
+            ]
+            await self._store_counters(conn, charged)
 
     async def settle(self, reservation: Reservation, actual: Amount, now: float, *, release: bool = False) -> bool:
         async with self.sql._tx() as conn:

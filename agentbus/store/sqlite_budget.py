@@ -63,23 +63,32 @@ class SQLiteBudgetStore(SQLBudgetStore):
         await self.sql._run(_add_usage, rec)
 
 
+def _locked(conn: sqlite3.Connection, key: str, limits: Limits, now: float) -> Counter:
+    """The scope's counter, created if missing, rolled to ``now`` (the transaction holds the
+    write lock, so it stays ours until the commit)."""
+    zero = tuple(getattr(Counter(), f) for f in _FIELDS)
+    row = conn.execute(LOCK_COUNTER, (key, limits.window_s, *zero)).fetchone()
+    return b.roll(Counter(**dict(zip(_FIELDS, row, strict=True))), limits, now)
+
+
+def _store(conn: sqlite3.Connection, rows: list[tuple[str, float, Counter]]) -> None:
+    conn.executemany(STORE_COUNTER, [(w, *(getattr(c, f) for f in _FIELDS), key) for key, w, c in rows])
+
+
 def _reserve(
     conn: sqlite3.Connection, scopes: dict[str, Limits], amount: Amount, now: float, ttl_s: float
 ) -> Reservation | Denial:
     keys = sorted(scopes)
-    zero = tuple(getattr(Counter(), f) for f in _FIELDS)
-    new: list[tuple[object, ...]] = []
+    charged: list[tuple[str, float, Counter]] = []
     for key in keys:
         limits = scopes[key]
-        row = conn.execute(LOCK_COUNTER, (key, limits.window_s, *zero)).fetchone()
-        counter = b.roll(Counter(**dict(zip(_FIELDS, row, strict=True))), limits, now)
+        counter = _locked(conn, key, limits, now)
         denial = b.admit(key, counter, limits, amount, now)
         if denial is not None:
             # Nothing written but the (harmless) zero rows the upsert may have created.
             return denial
-        charged = b.reserve(counter, amount)
-        new.append((limits.window_s, *(getattr(charged, f) for f in _FIELDS), key))
-    conn.executemany(STORE_COUNTER, new)
+        charged.append((key, limits.window_s, b.reserve(counter, amount)))
+    _store(conn, charged)
     res = Reservation(id=uuid.uuid4().hex, scopes=tuple(keys), amount=amount, created_at=now, expires_at=now + ttl_s)
     conn.execute(
         ADD_RESERVATION, (res.id, json.dumps(list(res.scopes)), amount.tokens, amount.cost, now, res.expires_at)
@@ -88,15 +97,13 @@ def _reserve(
 
 
 def _charge(conn: sqlite3.Connection, scopes: dict[str, Limits], actual: Amount, now: float, release: bool) -> None:
-    zero = tuple(getattr(Counter(), f) for f in _FIELDS)
-    new: list[tuple[object, ...]] = []
-    for key in sorted(scopes):
-        limits = scopes[key]
-        row = conn.execute(LOCK_COUNTER, (key, limits.window_s, *zero)).fetchone()
-        counter = b.roll(Counter(**dict(zip(_FIELDS, row, strict=True))), limits, now)
-        counter = b.charge(counter, actual, release=release)
-        new.append((limits.window_s, *(getattr(counter, f) for f in _FIELDS), key))
-    conn.executemany(STORE_COUNTER, new)
+    _store(
+        conn,
+        [
+            (key, lim.window_s, b.charge(_locked(conn, key, lim, now), actual, release=release))
+            for key, lim in sorted(scopes.items())
+        ],
+    )
 
 
 def _settle(conn: sqlite3.Connection, reservation_id: str, actual: Amount, now: float, release: bool) -> bool:
