@@ -226,6 +226,36 @@ def _free_port() -> int:
 
 
 @contextmanager
+def running(
+    what: str, cmd: list[str], ready_url: str, timeout_s: float, env: dict[str, str] | None = None
+) -> Iterator[None]:
+    """Run ``cmd`` until the block ends, once ``ready_url`` answers 200 (its log on failure)."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"{what} exited: {log.read()[-2000:].decode(errors='replace')}")
+                try:
+                    if httpx.get(ready_url, timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{what} did not become ready in {timeout_s:g} s")
+                time.sleep(0.2)
+            yield
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@contextmanager
 def embedded_agentbus(model_url: str, model: str) -> Iterator[str]:
     """An agentbus subprocess (SQLite in a temp dir, dev mode on loopback) whose broker sends
     ``model`` to ``model_url``."""
@@ -239,33 +269,11 @@ def embedded_agentbus(model_url: str, model: str) -> Iterator[str]:
                 [{"name": "model", "base_url": model_url, "models": [model], "timeout_s": 300}]
             ),
         }
-        log = open(Path(tmp) / "agentbus.log", "wb")
         cmd = [sys.executable, "-m", "agentbus.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--migrate"]
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
         url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 90
-            while True:
-                if proc.poll() is not None:
-                    log.close()
-                    raise RuntimeError(f"agentbus exited: {(Path(tmp) / 'agentbus.log').read_text()[-2000:]}")
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("agentbus did not become ready in 90 s")
-                time.sleep(0.2)
+        with running("agentbus", cmd, f"{url}/readyz", 90, env):
             print(f"started an embedded agentbus at {url} (broker -> {model_url}, model {model})", flush=True)
             yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
 
 
 LLAMA_VENV = Path(os.environ.get("AGENTBUS_LLAMA_VENV", Path.home() / ".cache" / "agentbus" / "llama-venv"))
@@ -288,31 +296,10 @@ def local_model(model: str) -> Iterator[str]:
     port = _free_port()
     cmd = [str(py), "-m", "llama_cpp.server", "--model", gguf, "--model_alias", model]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2"]
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}/v1"
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(f"llama.cpp server exited: {log.read()[-2000:].decode(errors='replace')}")
-                try:
-                    if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("llama.cpp server did not become ready in 120 s")
-                time.sleep(0.5)
-            print(f"started the local model server at {url} (model {model})", flush=True)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    url = f"http://127.0.0.1:{port}/v1"
+    with running("llama.cpp server", cmd, f"{url}/models", 120):
+        print(f"started the local model server at {url} (model {model})", flush=True)
+        yield url
 
 
 # --------------------------------------------------------------------------- main
