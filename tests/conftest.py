@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,18 +47,18 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.fixture(scope="session")
-def pg_database() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session, dropped afterwards."""
+@contextmanager
+def fresh_pg_database(prefix: str = "agentbus_test") -> Iterator[str]:
+    """A new, empty PostgreSQL database (its URL), dropped afterwards; unavailable() if the
+    server does not answer."""
     import asyncio
 
     import asyncpg
 
-    name = f"agentbus_test_{uuid.uuid4().hex[:10]}"
-    admin = PG_ADMIN_URL
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
 
     async def run(sql: str) -> None:
-        conn = await asyncpg.connect(admin, timeout=5)
+        conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
         try:
             await conn.execute(sql)
         finally:
@@ -67,12 +68,20 @@ def pg_database() -> Iterator[str]:
         asyncio.run(run(f'CREATE DATABASE "{name}"'))
     except (OSError, asyncpg.PostgresError) as exc:
         unavailable(f"PostgreSQL ({exc.__class__.__name__})")
-    base = admin.rsplit("/", 1)[0]
-    yield f"{base}/{name}"
     try:
-        asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    except Exception:
-        pass
+        yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    finally:
+        try:
+            asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        except Exception:
+            pass
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped afterwards."""
+    with fresh_pg_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -803,28 +803,12 @@ async def _scenario(store: Store, seed: int, log: list[Any], clock: _Clock) -> N
 @pytest.fixture
 def fresh_pg_url() -> Iterator[str]:
     """A new, migrated PostgreSQL database (the scenario below owns its tenant and space)."""
-    import asyncpg
-
     from agentbus.migrate import upgrade
-    from tests.conftest import PG_ADMIN_URL, unavailable
+    from tests.conftest import fresh_pg_database
 
-    name = f"agentbus_eq_{uuid.uuid4().hex[:10]}"
-
-    async def run(sql: str) -> None:
-        conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    try:
-        asyncio.run(run(f'CREATE DATABASE "{name}"'))
-    except (OSError, asyncpg.PostgresError) as exc:
-        unavailable(f"PostgreSQL ({exc.__class__.__name__})")
-    url = f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
-    upgrade(url)
-    yield url
-    asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with fresh_pg_database("agentbus_eq") as url:
+        upgrade(url)
+        yield url
 
 
 @pytest.mark.postgres
