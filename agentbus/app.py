@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from agentbus import __version__
 from agentbus.api import admin, broker, bus, errors, health, traces
+from agentbus.api.fast import FastBus
 from agentbus.api.limits import BodyLimit, SecurityHeaders
 from agentbus.auth.authenticator import Authenticator
 from agentbus.auth.bootstrap import ensure_admin
@@ -78,6 +79,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from agentbus.api import sbus
 
         app.include_router(sbus.router)
+    if settings.fast_paths:
+        app.add_middleware(FastBus)  # innermost: everything below still wraps it
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(SecurityHeaders)
     if settings.cors_origins:

@@ -80,6 +80,11 @@ class Settings(BaseSettings):
 
     # S-Bus compatible routes (/shard, /commit, ...).
     sbus_compat: bool = False
+    fast_paths: bool = Field(
+        True,
+        description="Serve commit and shard reads without FastAPI's routing (same endpoint code, same errors); "
+        "false routes every request through FastAPI.",
+    )
 
     # Model broker: a YAML file (hot-reloaded) or a JSON list of endpoints.
     broker_config: str | None = Field(None, description="Path of the broker YAML config (hot-reloaded).")

@@ -30,13 +30,19 @@ class StrictJSONRequest(Request):
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            raw = await self.body()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise json.JSONDecodeError("request body is not UTF-8", "", exc.start) from exc
-            self._json = json.loads(text, parse_constant=_reject_constant)
+            self._json = strict_json(await self.body())
         return self._json
+
+
+def strict_json(raw: bytes) -> Any:
+    """Parse a request body as RFC 8259 JSON (raises json.JSONDecodeError). The stdlib
+    parser on purpose: integers of any size survive parsing (orjson would turn those beyond
+    64 bits into floats) and are refused later with a precise error."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise json.JSONDecodeError("request body is not UTF-8", "", exc.start) from exc
+    return json.loads(text, parse_constant=_reject_constant)
 
 
 def _reject_constant(name: str) -> Any:

@@ -1,0 +1,141 @@
+"""A shortcut through FastAPI for the two requests agents send most: commit and read a shard.
+
+Why: on a warm store, FastAPI's request machinery (walking the route table, the exception
+and exit-stack middlewares, dependency solving, stdlib JSON parsing) costs about as much
+CPU as the commit itself. This middleware recognises ``POST /v1/spaces/{space}/commit`` and
+``GET /v1/spaces/{space}/shards/{key}`` and calls the *same* endpoint functions of
+:mod:`agentbus.api.bus` with the same authentication dependency, so identity, scopes,
+validation, spans and the response bytes are those of the routed path; the body is parsed
+by the same :func:`~agentbus.api.bus.strict_json`.
+
+Anything unusual is handed to FastAPI untouched (the body replayed): a body that is not
+JSON or that the strict ``CommitIn`` model refuses, a second or over-long ``Idempotency-Key``, another
+content type (FastAPI reads a body without ``Content-Type: application/json`` as bytes), a
+``root_path``, HEAD. FastAPI then produces exactly the error it always
+did, so there is still one place that words each 4xx. ``AGENTBUS_FAST_PATHS=false`` turns
+the shortcut off (the test suite compares both).
+"""
+
+from __future__ import annotations
+
+from fastapi.routing import APIRoute
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from agentbus.api import bus
+from agentbus.api.errors import error_response
+from agentbus.auth.principal import require
+from agentbus.core.errors import AgentbusError
+
+_PREFIX = "/v1/spaces/"
+_COMMIT_SUFFIX = "/commit"
+_SHARDS = "/shards/"
+_JSON_TYPES = (b"application/json", b"application/json; charset=utf-8", b"application/json;charset=utf-8")
+# FastAPI's Header(max_length=256) on the commit route; longer keys get its 422 there.
+_IDEM_MAX = 256
+
+
+class FastBus:
+    """Pure ASGI; sits innermost among the app's middlewares, so tracing, security headers
+    and the body limit apply to shortcut requests exactly as to routed ones."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._reader = require("bus:read")
+        self._writer = require("bus:write")
+        routes = {r.name: r for r in bus.router.routes if isinstance(r, APIRoute)}
+        # Put in the scope as the router would: the server span and the HTTP metrics are
+        # labelled with the route's path template.
+        self._commit_route = routes["commit"]
+        self._read_route = routes["read_shard"]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope.get("root_path"):
+            path: str = scope["path"]
+            if path.startswith(_PREFIX):
+                rest = path[len(_PREFIX) :]
+                method = scope["method"]
+                if method == "POST" and rest.endswith(_COMMIT_SUFFIX):
+                    space = rest[: -len(_COMMIT_SUFFIX)]
+                    if space and "/" not in space:
+                        await self._commit(scope, receive, send, space)
+                        return
+                elif method == "GET":
+                    space, sep, key = rest.partition(_SHARDS)
+                    # ".../history" belongs to the history route, declared before this one.
+                    if sep and space and "/" not in space and key and not key.endswith("/history"):
+                        await self._read(scope, receive, send, space, key)
+                        return
+        await self.app(scope, receive, send)
+
+    async def _read(self, scope: Scope, receive: Receive, send: Send, space: str, key: str) -> None:
+        route = self._read_route
+        scope["route"] = route
+        scope["endpoint"] = route.endpoint
+        scope["path_params"] = {"space": space, "key": key}
+        request = bus.StrictJSONRequest(scope, receive)
+        try:
+            who = await self._reader(request)
+            response = await bus.read_shard(request, space, key, who)
+        except AgentbusError as exc:
+            response = error_response(exc)
+        await response(scope, receive, send)
+
+    async def _commit(self, scope: Scope, receive: Receive, send: Send, space: str) -> None:
+        ctype: bytes | None = None
+        idem: list[bytes] = []
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                if ctype is not None:
+                    ctype = b"?"  # two of them: let FastAPI decide
+                else:
+                    ctype = value.lower()
+            elif name == b"idempotency-key":
+                idem.append(value)
+        messages, body = await _read_body(receive)
+        model: bus.CommitIn | None = None
+        if body is not None and ctype in _JSON_TYPES and len(idem) <= 1 and all(len(v) <= _IDEM_MAX for v in idem):
+            try:
+                model = bus.CommitIn.model_validate(bus.strict_json(body))
+            except (ValueError, ValidationError):
+                model = None
+        if model is None:
+            await self.app(scope, _replay(messages, receive), send)
+            return
+        route = self._commit_route
+        scope["route"] = route
+        scope["endpoint"] = route.endpoint
+        scope["path_params"] = {"space": space}
+        request = bus.StrictJSONRequest(scope, receive)
+        try:
+            who = await self._writer(request)
+            idempotency_key = idem[0].decode("latin-1") if idem else None
+            response = await bus.commit(request, space, model, who, idempotency_key)
+        except AgentbusError as exc:
+            response = error_response(exc)
+        await response(scope, receive, send)
+
+
+async def _read_body(receive: Receive) -> tuple[list[Message], bytes | None]:
+    """The messages read and the whole body; None as the body if the client went away
+    before sending all of it (FastAPI then gets the same messages and reacts as always)."""
+    messages: list[Message] = []
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return messages, None
+        if not message.get("more_body", False):
+            return messages, b"".join(m.get("body", b"") for m in messages)
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """A receive that hands the already-read messages over again, then defers to the real one."""
+    pending = list(messages)
+
+    async def replay() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replay
