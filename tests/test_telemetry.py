@@ -181,6 +181,36 @@ def test_traceparent_inbound_makes_the_server_span_a_child(tmp_path: Path) -> No
     asyncio.run(go())
 
 
+def test_spans_are_not_recorded_until_exported_but_keep_trace_ids(tmp_path: Path) -> None:
+    """No processor: spans are dropped by the sampler (cheap), yet the caller's trace id
+    still reaches the timeline; adding a processor turns recording on."""
+
+    async def go() -> None:
+        store = f"sqlite:///{tmp_path / 'noexport.db'}"
+        await asyncio.to_thread(upgrade, store)
+        app = create_app(Settings(store=store, auth=False, trace_flush_s=60.0))
+        tracer = app.state.telemetry.tracer
+        span = tracer.start_span("probe")
+        assert not span.is_recording() and span.get_span_context().is_valid
+        span.end()
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://agentbus.test") as c:
+                h = {"traceparent": PARENT, "X-Agent-Id": "x"}
+                r = await c.post("/v1/spaces/sp/commit", json={"writes": [{"key": "k", "value": 1}]}, headers=h)
+                assert r.status_code == 200
+                await app.state.telemetry.sink.flush()
+                (event,) = (await c.get("/v1/spaces/sp/trace")).json()["events"]
+                assert event["kind"] == "commit" and event["trace_id"] == TRACE_ID
+                assert event["span_id"] != "b7ad6b7169203331"  # a span of its own, not the caller's
+        app.state.telemetry.provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+        span = tracer.start_span("probe")
+        assert span.is_recording()
+        span.end()
+
+    asyncio.run(go())
+
+
 def test_broker_span_genai_attributes_and_traceparent_upstream(tmp_path: Path, upstream: FakeUpstream) -> None:
     async def go() -> None:
         async with running(tmp_path, broker_config=broker_yaml(tmp_path, upstream)) as a:

@@ -14,15 +14,23 @@ Export happens only when asked for, so an unconfigured service opens no connecti
 The provider belongs to the app (not the process-global one), so several apps in one
 process (tests) keep their spans apart; it is shut down - queued spans flushed - when the
 app stops.
+
+Until a span processor is added, spans are not recorded: nothing could receive them, and
+recording (attributes, events, the end-of-span bookkeeping) was a tenth of the CPU of a
+commit request. A span that is not recorded still has its trace and span ids, so the
+``traceparent`` sent upstream and the trace ids in timeline events are unchanged.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
+from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider, sampling
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
 from agentbus import __version__
@@ -55,13 +63,50 @@ def make_exporter(name: str) -> SpanExporter | None:
     return None
 
 
+class RecordWhenExported(sampling.Sampler):
+    """Drops every span until the provider has a processor, then defers to the configured
+    sampler (``OTEL_TRACES_SAMPLER``, default parent-based always-on)."""
+
+    def __init__(self, inner: sampling.Sampler) -> None:
+        self.inner = inner
+        self.exporting = False
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: trace.SpanKind | None = None,
+        attributes: sampling.Attributes = None,
+        links: Sequence[trace.Link] | None = None,
+        trace_state: trace.TraceState | None = None,
+    ) -> sampling.SamplingResult:
+        if self.exporting:
+            return self.inner.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+        parent = trace.get_current_span(parent_context).get_span_context()
+        return sampling.SamplingResult(sampling.Decision.DROP, None, parent.trace_state if parent.is_valid else None)
+
+    def get_description(self) -> str:
+        return f"RecordWhenExported{{{self.inner.get_description()}}}"
+
+
+class AppTracerProvider(TracerProvider):
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(sampler=RecordWhenExported(sampling._get_from_env_or_default()), resource=resource)
+
+    def add_span_processor(self, span_processor: SpanProcessor) -> None:
+        super().add_span_processor(span_processor)
+        if isinstance(self.sampler, RecordWhenExported):
+            self.sampler.exporting = True
+
+
 def make_provider(extra: list[SpanProcessor] | None = None) -> TracerProvider:
     attrs: dict[str, str] = {SERVICE_VERSION: __version__}
     named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
     if not named:
         attrs[SERVICE_NAME] = "agentbus"  # else the operator's name wins
     resource = Resource.create(attrs)
-    provider = TracerProvider(resource=resource)
+    provider = AppTracerProvider(resource=resource)
     for name in exporter_names():
         exporter = make_exporter(name)
         if exporter is not None:
