@@ -50,8 +50,6 @@ def serve(
     """Serve the HTTP API (state bus) with uvicorn."""
     import os
 
-    import uvicorn
-
     overrides = {k: val for k, val in {"host": host, "port": port, "workers": workers}.items() if val is not None}
     settings = Settings(**overrides)
     if not settings.auth and not is_loopback(settings.host):
@@ -89,19 +87,25 @@ def serve(
         f"{'bearer-token auth' if settings.auth else 'DEV MODE: no auth, X-Agent-Id names the caller'}); "
         "API docs at /docs"
     )
-    uvicorn.run(
-        "agentbus.asgi:app",
+    from agentbus import workers as worker_procs
+
+    status = worker_procs.serve(
+        {
+            "app": "agentbus.asgi:app",
+            "log_level": log_level,
+            "lifespan": "on",
+            "access_log": False,
+            # uvicorn would otherwise trust X-Forwarded-For from 127.0.0.1: any local caller could
+            # choose its client address, evade the failed-auth limit and forge the audit log.
+            "proxy_headers": bool(settings.forwarded_allow_ips),
+            "forwarded_allow_ips": settings.forwarded_allow_ips or None,
+        },
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
-        log_level=log_level,
-        lifespan="on",
-        access_log=False,
-        # uvicorn would otherwise trust X-Forwarded-For from 127.0.0.1: any local caller could
-        # choose its client address, evade the failed-auth limit and forge the audit log.
-        proxy_headers=bool(settings.forwarded_allow_ips),
-        forwarded_allow_ips=settings.forwarded_allow_ips or None,
     )
+    if status:
+        raise typer.Exit(status)
 
 
 @app.command()

@@ -10,6 +10,7 @@ auto, lifespan on, access log off, log level warning), so only the application d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
 import socket
@@ -41,6 +42,7 @@ class Server:
     cmd: list[str]
     env: dict[str, str]
     log_path: Path
+    workers: int = 1
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
 
@@ -58,13 +60,31 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200 and self._all_listening():
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"{self.name} did not become ready in {timeout_s}s:\n{self.log_tail()}")
+
+    def _all_listening(self) -> bool:
+        """Every worker listens: connections opened earlier would all stay on the early ones."""
+        import psutil
+
+        assert self.proc is not None
+        try:
+            children = psutil.Process(self.proc.pid).children()
+        except psutil.NoSuchProcess:
+            return False
+        if self.workers == 1:
+            return True
+        listening = 0
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                conns = child.net_connections(kind="tcp")
+                listening += any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port for c in conns)
+        return listening >= self.workers
 
     def pids(self) -> list[int]:
         """The master and its worker processes, for CPU accounting."""
@@ -102,27 +122,13 @@ def agentbus_server(store: str, workers: int, log_dir: Path, extra_env: dict[str
     # Dev mode (no bearer tokens): the baselines have no authentication either, so the
     # comparison is of the commit path alone. Loopback-only, which is all the bench binds.
     env = {"AGENTBUS_STORE": store, "AGENTBUS_AUTH": "false", **(extra_env or {})}
-    return Server("agentbus", cmd, env, log_dir / "agentbus.log")
+    return Server("agentbus", cmd, env, log_dir / "agentbus.log", workers=workers)
 
 
 def baseline_server(module: str, workers: int, log_dir: Path, env: dict[str, str]) -> Server:
-    # The same uvicorn options agentbus.cli serve passes to uvicorn.run (loop/http "auto").
-    cmd = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        f"bench.baselines.{module}:app",
-        "--host",
-        "127.0.0.1",
-        "--workers",
-        str(workers),
-        "--log-level",
-        "warning",
-        "--lifespan",
-        "on",
-        "--no-access-log",
-    ]
-    return Server(f"baseline {module}", cmd, env, log_dir / f"baseline-{module}.log")
+    # The same worker processes and uvicorn options as agentbus.cli serve.
+    cmd = [sys.executable, "-m", "bench.baselines.serve", f"bench.baselines.{module}:app", "--workers", str(workers)]
+    return Server(f"baseline {module}", cmd, env, log_dir / f"baseline-{module}.log", workers=workers)
 
 
 def migrate(store: str) -> None:

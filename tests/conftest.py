@@ -7,6 +7,7 @@ testing less.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -161,9 +162,11 @@ class Server:
 
         proc = self.procs[index]
         parent = psutil.Process(proc.pid)
-        for child in parent.children(recursive=True):
-            child.kill()
-        parent.kill()
+        children = parent.children(recursive=True)
+        parent.kill()  # first, so the supervisor cannot start a replacement worker
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
         proc.wait(10)
         port = self.ports[index]
         while _port_open(port):
