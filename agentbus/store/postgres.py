@@ -3,14 +3,33 @@
 Why: through SQLAlchemy Core a delivered read was a six-statement transaction and a commit
 about twelve statements, each built, compiled and sent through the greenlet bridge — several
 milliseconds of CPU per request and a round trip per statement. Here a read is one call of
-``agentbus_read`` and a commit is BEGIN, ``agentbus_commit_load``, ``agentbus_commit_apply``,
-COMMIT, on asyncpg's prepared statements (migration 0005 creates the functions).
+``agentbus_read`` (migration 0005) and a commit is optimistic (migration 0006):
 
-The guarantees are unchanged: the functions only fetch and store. The space row lock taken
-by ``agentbus_commit_load`` is held until COMMIT, and which reads conflict is decided between
-the two calls by :mod:`agentbus.core.validation`, as on every backend. Everything else
-(listings, history, tokens, budgets, purge) stays on the SQLAlchemy engine of
-:class:`~agentbus.store.sql.SQLStore`.
+1. ``agentbus_commit_peek`` fetches the space seq, the idempotency record, the epoch, the
+   heads and the heads changed under range reads, taking no lock;
+2. Python decides with :mod:`agentbus.core.validation`, as on every backend;
+3. ``agentbus_commit_try`` takes the space row lock, checks that nothing the decision
+   depended on changed since the peek, and applies it with seq = locked seq + 1; or returns
+   :data:`TRY_FAILED` having changed nothing, and we start again from 1.
+
+So the space row lock is held for zero network round trips, only while one statement runs
+(BEGIN, load, apply, COMMIT held it across three, which capped a busy space at one commit
+per three client round trips, however many clients). A commit is two round trips; a
+rejected ``expected_version`` with nothing to store (no epoch to end, no Idempotency-Key) is
+one. After :data:`OPTIMISTIC_ATTEMPTS` failed checks a commit falls back to that locked path
+(``agentbus_commit_load`` .. ``agentbus_commit_apply`` in one transaction), so a hot key
+cannot starve anyone.
+
+The guarantees are unchanged. Every writer of a space's shards holds its space row lock, and
+each statement inside the (VOLATILE) try function takes a fresh snapshot, so once it has the
+lock it sees every earlier commit. The decision depends only on the versions of the heads it
+looked at, the session's epoch (compared by header row version, so an added entry, an
+overflow or a clear-and-recreate all count as a change), the space seq when the epoch has
+range reads, and the absence of a live idempotency record under the key; if all of these are
+as seen, the state validated against is the state at the commit point, and the outcome is
+the one the locked path would have produced. Seq order stays visibility order: the seq is
+assigned and applied under the lock. Everything else (listings, history, tokens, budgets,
+purge) stays on the SQLAlchemy engine of :class:`~agentbus.store.sql.SQLStore`.
 """
 
 from __future__ import annotations
@@ -18,6 +37,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -25,13 +45,38 @@ import orjson
 
 from agentbus.core import validation as v
 from agentbus.core.errors import BackendUnavailable, ReadSetExpired
-from agentbus.core.model import CommitResult, Epoch, RangeRead, SessionRef, Shard, ShardMeta, StoredOutcome
+from agentbus.core.model import (
+    CommitResult,
+    ConflictItem,
+    Epoch,
+    RangeRead,
+    SessionRef,
+    Shard,
+    ShardMeta,
+    StoredOutcome,
+)
 from agentbus.store.base import CommitOutcome, CommitRequest, outcome_body
 from agentbus.store.sql import SQLStore, transient_sqlstate
 
 READ_SQL = "SELECT * FROM agentbus_read($1, $2, $3, $4, $5, $6, $7)"
+PEEK_SQL = "SELECT * FROM agentbus_commit_peek($1, $2, $3, $4, $5, $6)"
+TRY_SQL = (
+    "SELECT agentbus_commit_try($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,"
+    " $19, $20, $21)"
+)
 LOAD_SQL = "SELECT * FROM agentbus_commit_load($1, $2, $3, $4, $5, $6, $7)"
 APPLY_SQL = "SELECT agentbus_commit_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+
+# What agentbus_commit_try returns when something the decision depended on changed.
+TRY_FAILED = -1
+# Optimistic tries before a commit takes the locked path. Each failure means another commit
+# of the space landed in between, so the store as a whole made progress; two bounds the
+# extra round trips of one unlucky commit.
+OPTIMISTIC_ATTEMPTS = 2
+# Stands in for the seq in a 200's stored body; the try function puts the seq it assigns
+# there. A NUL cannot occur in anything PostgreSQL stores as text, so it cannot collide.
+_SEQ_MARK = "\x00seq\x00"
+_SEQ_MARK_JSON = json.dumps(_SEQ_MARK)
 
 # What asyncpg raises when the server or the connection is gone (as opposed to a bad query).
 _UNAVAILABLE = (
@@ -58,6 +103,33 @@ def dsn(url: str) -> str:
     """The libpq-style URL asyncpg takes, from AGENTBUS_STORE (``+asyncpg`` or ``postgres://`` allowed)."""
     scheme, rest = url.split("://", 1)
     return "postgresql://" + rest if scheme.startswith("postgres") else url
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What one look at the space decided, and what that decision depended on.
+
+    Exactly one of ``expired``, ``conflicts`` and ``commit_id`` (with ``versions``) is set.
+    """
+
+    now: float
+    seq: int
+    space_exists: bool
+    epoch: Epoch | None
+    epoch_tag: str | None
+    heads: dict[str, ShardMeta | None]
+    has_ranges: bool
+    expired: ReadSetExpired | None = None
+    conflicts: list[ConflictItem] | None = None
+    commit_id: str | None = None
+    versions: dict[str, int] | None = None
+
+    def outcome(self, seq: int) -> CommitOutcome:
+        """The outcome, for a 200 with the seq the apply was given."""
+        if self.conflicts:
+            return CommitOutcome(conflicts=self.conflicts)
+        assert self.commit_id is not None and self.versions is not None
+        return CommitOutcome(result=CommitResult(commit_id=self.commit_id, seq=seq, versions=self.versions))
 
 
 class PostgresStore(SQLStore):
@@ -140,73 +212,157 @@ class PostgresStore(SQLStore):
 
     # ------------------------------------------------------------------ commit
     async def commit(self, ref: SessionRef, req: CommitRequest) -> CommitOutcome:
-        expired: ReadSetExpired | None = None
         keys = sorted({w.key for w in req.writes} | set(req.explicit_reads))
-        async with self._raw() as conn, conn.transaction():
+        async with self._raw() as conn:
+            for _ in range(OPTIMISTIC_ATTEMPTS):
+                done = await self._commit_optimistic(conn, ref, req, keys)
+                if done is not None:
+                    break
+            else:
+                done = await self._commit_locked(conn, ref, req, keys)
+        if isinstance(done, ReadSetExpired):
+            # The epoch ended in the backend; only now is the 410 raised.
+            raise done
+        return done
+
+    async def _commit_optimistic(
+        self, conn: asyncpg.Connection, ref: SessionRef, req: CommitRequest, keys: list[str]
+    ) -> CommitOutcome | ReadSetExpired | None:
+        """Peek, decide, try; None if the try found the state changed (nothing was stored)."""
+        now = self.now()
+        row = await self._peek(conn, ref, keys, req.idempotency_key)
+        plan = self._plan(req, keys, row, now)
+        if isinstance(plan, CommitOutcome):
+            return plan
+        if plan.conflicts and plan.epoch is None and not req.idempotency_key and plan.space_exists:
+            # Nothing to store: the 409 of the peek's snapshot (a committed state) is final.
+            return plan.outcome(0)
+        new_seq = await self._try(conn, self._try_args(ref, req, plan))
+        if new_seq == TRY_FAILED:
+            return None
+        return plan.expired or plan.outcome(new_seq)
+
+    async def _peek(
+        self, conn: asyncpg.Connection, ref: SessionRef, keys: list[str], idem: str | None
+    ) -> asyncpg.Record:
+        row = await conn.fetchrow(PEEK_SQL, ref.tenant, ref.space, ref.subject, ref.session, keys, idem)
+        assert row is not None
+        return row
+
+    async def _try(self, conn: asyncpg.Connection, args: list[Any]) -> int:
+        """The new seq, 0 if the commit wrote nothing (a 409, a 410), or :data:`TRY_FAILED`."""
+        return int(await conn.fetchval(TRY_SQL, *args))
+
+    def _try_args(self, ref: SessionRef, req: CommitRequest, plan: _Plan) -> list[Any]:
+        """Arguments of ``agentbus_commit_try``: what the plan depended on, then what to store."""
+        if plan.expired is not None:
+            # The 410 depends on the epoch alone, and stores nothing but its end.
+            seen_keys, seen_versions, seen_seq, idem = [], [], None, None
+        else:
+            seen_keys = list(plan.heads)
+            seen_versions = [v.current_version(m) for m in plan.heads.values()]
+            seen_seq = plan.seq if plan.has_ranges else None
+            idem = req.idempotency_key
+        writes: list[Any] = [None, [], [], [], [], "[]"]
+        if plan.commit_id is not None and plan.versions is not None:
+            writes = [plan.commit_id, *_write_args(req, plan.versions)]
+        stored: list[Any] = [None] * 5
+        if idem:
+            status, body = outcome_body(plan.outcome(0))
+            head, tail = _split_at_seq(body) if plan.commit_id is not None else (json.dumps(body), None)
+            stored = [idem, req.fingerprint or "", status, head, tail]
+        cutoff = plan.now - self.settings.idempotency_ttl_s
+        return [
+            *(ref.tenant, ref.space, ref.subject, ref.session, plan.now),
+            *(seen_keys, seen_versions, plan.epoch_tag, seen_seq, cutoff),
+            *writes,
+            *stored,
+        ]
+
+    async def _commit_locked(
+        self, conn: asyncpg.Connection, ref: SessionRef, req: CommitRequest, keys: list[str]
+    ) -> CommitOutcome | ReadSetExpired:
+        """The fallback: the space row lock held from load to COMMIT, so nothing can change
+        under the decision and no check can fail."""
+        async with conn.transaction():
             now = self.now()
             row = await conn.fetchrow(
                 LOAD_SQL, ref.tenant, ref.space, ref.subject, ref.session, keys, req.idempotency_key, now
             )
             assert row is not None
-            seq = int(row["o_seq"])
-            if row["o_idem"] is not None:
-                fp, status, body, created_at = orjson.loads(row["o_idem"])
-                if created_at >= now - self.settings.idempotency_ttl_s:
-                    return CommitOutcome(stored=StoredOutcome(fingerprint=fp, status=status, body=json.loads(body)))
-            epoch = _epoch(row["o_epoch"])
-            try:
-                v.check_epoch(epoch, now=now, ttl_s=self.settings.readset_ttl_s)
-            except ReadSetExpired as exc:
-                # The epoch ends here too; the 410 is raised after the delete commits.
-                expired = exc
-            if expired is not None:
-                await conn.execute(APPLY_SQL, *_apply_args(ref, now, drop_epoch=True))
-            else:
-                heads: dict[str, ShardMeta | None] = dict.fromkeys(keys)
-                for h in orjson.loads(row["o_heads"]):
-                    heads[h[0]] = _meta(h)
-                changed = [_meta(h) for h in orjson.loads(row["o_changed"])] if row["o_changed"] else []
-                guards = v.build_guards(epoch, req.explicit_reads, req.writes)
-                for k in guards.keys - heads.keys():
-                    heads[k] = None
-                outcome = self._decide(ref, req, guards, heads, changed, seq)
-                args = _apply_args(ref, now, drop_epoch=epoch is not None)
-                if outcome.result is not None:
-                    res = outcome.result
-                    args[4:12] = [
-                        res.seq,
-                        res.commit_id,
-                        now,
-                        [w.key for w in req.writes],
-                        [res.versions[w.key] for w in req.writes],
-                        [None if w.delete else w.value_json for w in req.writes],
-                        [w.delete for w in req.writes],
-                        json.dumps(
-                            [{"key": w.key, "version": res.versions[w.key], "deleted": w.delete} for w in req.writes]
-                        ),
-                    ]
-                if req.idempotency_key:
-                    status, body = outcome_body(outcome)
-                    args[13:17] = [req.idempotency_key, req.fingerprint or "", status, json.dumps(body)]
+            plan = self._plan(req, keys, row, now)
+            if isinstance(plan, CommitOutcome):
+                return plan
+            args = _apply_args(ref, now, drop_epoch=plan.epoch is not None)
+            if plan.expired is not None:
                 await conn.execute(APPLY_SQL, *args)
-        if expired is not None:
-            raise expired
+                return plan.expired
+            outcome = plan.outcome(plan.seq + 1)
+            if plan.commit_id is not None and plan.versions is not None:
+                args[4:12] = [plan.seq + 1, plan.commit_id, now, *_write_args(req, plan.versions)]
+            if req.idempotency_key:
+                status, body = outcome_body(outcome)
+                args[13:17] = [req.idempotency_key, req.fingerprint or "", status, json.dumps(body)]
+            await conn.execute(APPLY_SQL, *args)
         return outcome
 
-    @staticmethod
-    def _decide(
-        ref: SessionRef,
-        req: CommitRequest,
-        guards: Any,
-        heads: dict[str, ShardMeta | None],
-        changed: list[ShardMeta],
-        seq: int,
-    ) -> CommitOutcome:
-        conflicts = v.find_conflicts(guards, heads, changed)
+    def _plan(self, req: CommitRequest, keys: list[str], row: asyncpg.Record, now: float) -> CommitOutcome | _Plan:
+        """Decide from a peek or load row: a replayed outcome, or a plan to store."""
+        if row["o_idem"] is not None:
+            fp, status, body, created_at = orjson.loads(row["o_idem"])
+            if created_at >= now - self.settings.idempotency_ttl_s:
+                return CommitOutcome(stored=StoredOutcome(fingerprint=fp, status=status, body=json.loads(body)))
+        epoch = _epoch(row["o_epoch"])
+        plan = _Plan(
+            now=now,
+            seq=int(row["o_seq"]),
+            # The load function creates the space; only the peek can find it missing.
+            space_exists=row.get("o_space", True),
+            epoch=epoch,
+            epoch_tag=row.get("o_epoch_tag"),
+            heads=dict.fromkeys(keys),
+            has_ranges=bool(epoch and epoch.ranges),
+        )
+        try:
+            v.check_epoch(epoch, now=now, ttl_s=self.settings.readset_ttl_s)
+        except ReadSetExpired as exc:
+            # The epoch ends here too; the 410 is raised after that is stored.
+            plan.expired = exc
+            return plan
+        for h in orjson.loads(row["o_heads"]):
+            plan.heads[h[0]] = _meta(h)
+        changed = [_meta(h) for h in orjson.loads(row["o_changed"])] if row["o_changed"] else []
+        guards = v.build_guards(epoch, req.explicit_reads, req.writes)
+        for k in guards.keys - plan.heads.keys():
+            plan.heads[k] = None
+        conflicts = v.find_conflicts(guards, plan.heads, changed)
         if conflicts:
-            return CommitOutcome(conflicts=conflicts)
-        versions = v.next_versions(req.writes, heads)
-        return CommitOutcome(result=CommitResult(commit_id=v.new_commit_id(), seq=seq + 1, versions=versions))
+            plan.conflicts = conflicts
+        else:
+            plan.commit_id = v.new_commit_id()
+            plan.versions = v.next_versions(req.writes, plan.heads)
+        return plan
+
+
+def _write_args(req: CommitRequest, versions: dict[str, int]) -> list[Any]:
+    """keys, versions, values, deleted flags and the commit log's JSON of a commit's writes."""
+    return [
+        [w.key for w in req.writes],
+        [versions[w.key] for w in req.writes],
+        [None if w.delete else w.value_json for w in req.writes],
+        [w.delete for w in req.writes],
+        json.dumps([{"key": w.key, "version": versions[w.key], "deleted": w.delete} for w in req.writes]),
+    ]
+
+
+def _split_at_seq(body: dict[str, Any]) -> tuple[str, str]:
+    """A 200 body as JSON text before and after its seq, which only the try function knows.
+
+    Split, not re-encoded in SQL: jsonb would reorder the keys, and a replay must answer
+    with exactly the bytes of the first response."""
+    text = json.dumps({**body, "seq": _SEQ_MARK})
+    head, tail = text.split(_SEQ_MARK_JSON)
+    return head, tail
 
 
 def _apply_args(ref: SessionRef, now: float, *, drop_epoch: bool) -> list[Any]:
