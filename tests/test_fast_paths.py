@@ -327,3 +327,70 @@ def test_random_bodies_answer_alike(tmp_path: Path) -> None:
     finally:
         loop.run_until_complete(cm.__aexit__(None, None, None))
         loop.close()
+
+
+# --------------------------------------------------------------------------- broker routes
+
+BROKER_VOLATILE = {"id", "created", "commit_id", "updated_at"}
+
+
+def broker_summary(r: httpx.Response) -> tuple[Any, ...]:
+    status, headers, body = summary(r)
+    if isinstance(body, dict):
+        body = {k: ("<volatile>" if k in BROKER_VOLATILE else v) for k, v in body.items()}
+    elif isinstance(body, bytes) and headers.get("content-type", "").startswith("text/event-stream"):
+        body = [line for line in body.split(b"\n") if line.startswith(b"data:")][-1:]  # [DONE]
+    return status, headers, body
+
+
+def test_broker_routes_answer_alike(tmp_path: Path) -> None:
+    from tests.upstream import FakeUpstream
+
+    up = FakeUpstream("up-fast", models=["m"], completion_words=3).start()
+    try:
+        endpoints = json.dumps([up.endpoint()])
+
+        async def go() -> None:
+            async with pair(tmp_path, broker_endpoints=endpoints) as p:
+                chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+                cases: list[tuple[str, dict[str, Any]]] = [
+                    ("/v1/chat/completions", {"json": chat}),
+                    ("/v1/chat/completions", {"json": {**chat, "stream": True}}),
+                    ("/v1/completions", {"json": {"model": "m", "prompt": "hi", "max_tokens": 2}}),
+                    ("/v1/chat/completions", {"json": {**chat, "model": "nope"}}),
+                    ("/v1/chat/completions", {"json": {"messages": []}}),
+                    ("/v1/chat/completions", {"json": {"model": "m", "messages": "x"}}),
+                    ("/v1/chat/completions", {"json": [chat]}),
+                    ("/v1/chat/completions", {"json": "text"}),
+                    ("/v1/chat/completions", {"content": b"{not json"}),
+                    ("/v1/chat/completions", {"content": b'{"model": "m", "messages": [], "t": NaN}'}),
+                    ("/v1/chat/completions", {"content": b'{"model": "m", "messages": [], "n": 1e999}'}),
+                    ("/v1/chat/completions", {"content": b""}),
+                    ("/v1/chat/completions", {"content": json.dumps(chat).encode(), "ctype": "text/plain"}),
+                    ("/v1/chat/completions", {"content": json.dumps(chat).encode(), "ctype": None}),
+                    ("/v1/embeddings", {"json": {"model": "m", "input": "x"}}),
+                ]
+                for path, kw in cases:
+                    ctype = kw.pop("ctype", "application/json")
+                    headers = {"X-Agent-Id": "a", **({"Content-Type": ctype} if ctype else {})}
+                    a = await p.fast.post(path, headers=headers, **kw)
+                    b = await p.slow.post(path, headers=headers, **kw)
+                    assert broker_summary(a) == broker_summary(b), (path, kw, a.text, b.text)
+                # Every model call reached the upstream once per app.
+                assert len(up.requests) % 2 == 0 and up.requests
+                # And the fast app's calls did take the shortcut.
+                stacks: list[list[str]] = []
+                broker_ = p.apps[0].state.broker
+                real_call = broker_.call
+
+                async def spy(*a: Any, **kw: Any) -> Any:
+                    stacks.append([f.function for f in inspect.stack()])
+                    return await real_call(*a, **kw)
+
+                broker_.call = spy
+                r = await p.fast.post("/v1/chat/completions", json=chat, headers={"X-Agent-Id": "a"})
+                assert r.status_code == 200 and "_broker" in stacks[0], stacks
+
+        asyncio.run(go())
+    finally:
+        up.stop()

@@ -27,12 +27,21 @@ def broker_of(request: Request) -> Broker:
     return request.app.state.broker  # type: ignore[no-any-return]
 
 
-async def _proxy(request: Request, who: Principal, operation: str, path: str) -> Response:
-    raw = await request.body()
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest("request body is not valid JSON", code="malformed_json") from exc
+# Route path under /v1 -> (operation, upstream path); agentbus.api.fast uses it too.
+OPERATIONS = {
+    "/v1/chat/completions": ("chat", "chat/completions"),
+    "/v1/completions": ("text_completion", "completions"),
+    "/v1/embeddings": ("embeddings", "embeddings"),
+}
+
+
+async def _proxy(request: Request, who: Principal, operation: str, path: str, body: Any = None) -> Response:
+    """``body``: already parsed by the caller (the fast path), else read here."""
+    if body is None:
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest("request body is not valid JSON", code="malformed_json") from exc
     broker = broker_of(request)
     ctx = broker.context(operation, path, body, who, request.headers)
     return await broker.call(ctx, request.headers)
@@ -40,17 +49,17 @@ async def _proxy(request: Request, who: Principal, operation: str, path: str) ->
 
 @router.post("/chat/completions", summary="Chat completion through the broker (streaming and tools)")
 async def chat_completions(request: Request, who: Invoker, _body: OpenAIBody) -> Response:
-    return await _proxy(request, who, "chat", "chat/completions")
+    return await _proxy(request, who, *OPERATIONS["/v1/chat/completions"])
 
 
 @router.post("/completions", summary="Text completion through the broker")
 async def completions(request: Request, who: Invoker, _body: OpenAIBody) -> Response:
-    return await _proxy(request, who, "text_completion", "completions")
+    return await _proxy(request, who, *OPERATIONS["/v1/completions"])
 
 
 @router.post("/embeddings", summary="Embeddings through the broker")
 async def embeddings(request: Request, who: Invoker, _body: OpenAIBody) -> Response:
-    return await _proxy(request, who, "embeddings", "embeddings")
+    return await _proxy(request, who, *OPERATIONS["/v1/embeddings"])
 
 
 @router.get("/models", summary="Models and aliases this broker serves")

@@ -1,10 +1,13 @@
-"""A shortcut through FastAPI for the two requests agents send most: commit and read a shard.
+"""A shortcut through FastAPI for the requests agents send most: commit, read a shard, and
+model calls through the broker.
 
 Why: on a warm store, FastAPI's request machinery (walking the route table, the exception
 and exit-stack middlewares, dependency solving, stdlib JSON parsing) costs about as much
 CPU as the commit itself. This middleware recognises ``POST /v1/spaces/{space}/commit`` and
 ``GET /v1/spaces/{space}/shards/{key}`` and calls the *same* endpoint functions of
-:mod:`agentbus.api.bus` with the same authentication dependency, so identity, scopes,
+:mod:`agentbus.api.bus` with the same authentication dependency (and likewise the broker's
+``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings`` through
+:func:`agentbus.api.broker._proxy`), so identity, scopes,
 validation, spans and the response bytes are those of the routed path; the body is parsed
 by the same :func:`~agentbus.api.bus.strict_json`.
 
@@ -18,11 +21,15 @@ the shortcut off (the test suite compares both).
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
+import orjson
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agentbus.api import bus
+from agentbus.api import broker, bus
 from agentbus.api.errors import error_response
 from agentbus.auth.principal import require
 from agentbus.core.errors import AgentbusError
@@ -43,15 +50,20 @@ class FastBus:
         self.app = app
         self._reader = require("bus:read")
         self._writer = require("bus:write")
+        self._invoker = require("broker:invoke")
         routes = {r.name: r for r in bus.router.routes if isinstance(r, APIRoute)}
         # Put in the scope as the router would: the server span and the HTTP metrics are
         # labelled with the route's path template.
         self._commit_route = routes["commit"]
         self._read_route = routes["read_shard"]
+        self._broker_routes = {r.path: r for r in broker.router.routes if isinstance(r, APIRoute)}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope.get("root_path"):
             path: str = scope["path"]
+            if path in broker.OPERATIONS and scope["method"] == "POST":
+                await self._broker(scope, receive, send, path)
+                return
             if path.startswith(_PREFIX):
                 rest = path[len(_PREFIX) :]
                 method = scope["method"]
@@ -82,16 +94,7 @@ class FastBus:
         await response(scope, receive, send)
 
     async def _commit(self, scope: Scope, receive: Receive, send: Send, space: str) -> None:
-        ctype: bytes | None = None
-        idem: list[bytes] = []
-        for name, value in scope["headers"]:
-            if name == b"content-type":
-                if ctype is not None:
-                    ctype = b"?"  # two of them: let FastAPI decide
-                else:
-                    ctype = value.lower()
-            elif name == b"idempotency-key":
-                idem.append(value)
+        ctype, idem = _headers(scope)
         messages, body = await _read_body(receive)
         model: bus.CommitIn | None = None
         if body is not None and ctype in _JSON_TYPES and len(idem) <= 1 and all(len(v) <= _IDEM_MAX for v in idem):
@@ -114,6 +117,42 @@ class FastBus:
         except AgentbusError as exc:
             response = error_response(exc)
         await response(scope, receive, send)
+
+    async def _broker(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        ctype, _ = _headers(scope)
+        messages, raw = await _read_body(receive)
+        body: Any = None
+        if raw is not None and ctype in _JSON_TYPES:
+            # The routed path parses with json.loads (FastAPI, which also wants an object)
+            # and then with orjson; whatever orjson reads as an object, both accept.
+            with contextlib.suppress(orjson.JSONDecodeError):
+                body = orjson.loads(raw)
+        if not isinstance(body, dict):
+            await self.app(scope, _replay(messages, receive), send)
+            return
+        route = self._broker_routes[path]
+        scope["route"] = route
+        scope["endpoint"] = route.endpoint
+        scope["path_params"] = {}
+        request = bus.StrictJSONRequest(scope, receive)
+        try:
+            who = await self._invoker(request)
+            response = await broker._proxy(request, who, *broker.OPERATIONS[path], body=body)
+        except AgentbusError as exc:
+            response = error_response(exc)
+        await response(scope, receive, send)
+
+
+def _headers(scope: Scope) -> tuple[bytes | None, list[bytes]]:
+    """The content type (b"?" if sent twice: FastAPI decides) and every Idempotency-Key."""
+    ctype: bytes | None = None
+    idem: list[bytes] = []
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            ctype = b"?" if ctype is not None else value.lower()
+        elif name == b"idempotency-key":
+            idem.append(value)
+    return ctype, idem
 
 
 async def _read_body(receive: Receive) -> tuple[list[Message], bytes | None]:
