@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import httpx
+import httpx2
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentbus.broker.config import BrokerConfig, Endpoint, Policy
@@ -164,18 +164,18 @@ class EndpointPool:
         return sorted(cands, key=lambda c: (self.score(c, use_metrics=use_metrics), jitter[id(c)]))
 
     # ------------------------------------------------------------------ scraping
-    async def scrape_forever(self, client: httpx.AsyncClient) -> None:
+    async def scrape_forever(self, client: httpx2.AsyncClient) -> None:
         while True:
             await asyncio.gather(*(self.scrape(client, st) for st in list(self.states.values())))
             await asyncio.sleep(self.config.metrics_interval_s)
 
-    async def scrape(self, client: httpx.AsyncClient, st: EndpointState) -> None:
+    async def scrape(self, client: httpx2.AsyncClient, st: EndpointState) -> None:
         try:
             r = await client.get(st.endpoint.metrics, timeout=max(0.5, self.config.metrics_interval_s))
             if r.status_code != 200:
                 return
             st.load = parse_vllm_metrics(r.text)
-        except (httpx.HTTPError, ValueError) as exc:
+        except (httpx2.HTTPError, ValueError) as exc:
             log.debug("metrics scrape of %s failed: %s", st.endpoint.name, exc)
 
 

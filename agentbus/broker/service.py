@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
+import httpx2
 import orjson
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -127,7 +127,7 @@ class Broker:
         self.store = store
         self.config = BrokerConfig()
         self.pool = EndpointPool(self.config)
-        self.client: httpx.AsyncClient | None = None
+        self.client: httpx2.AsyncClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._digest: str | None = None
         self._pending: set[asyncio.Task[None]] = set()
@@ -141,8 +141,8 @@ class Broker:
     async def start(self) -> None:
         self.config = self._load()
         self.pool = EndpointPool(self.config)
-        self.client = httpx.AsyncClient(
-            timeout=None, limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+        self.client = httpx2.AsyncClient(
+            timeout=None, limits=httpx2.Limits(max_connections=1000, max_keepalive_connections=200)
         )
         if self.configured or self.settings.broker_config:
             self._tasks = [
@@ -204,7 +204,7 @@ class Broker:
         try:
             r = await self.client.get(f"{st.endpoint.url}/models", headers=self._auth(st), timeout=5.0)
             healthy = r.status_code == 200
-        except httpx.HTTPError:
+        except httpx2.HTTPError:
             healthy = False
         if healthy != st.healthy:
             log.warning("endpoint %s is now %s", st.endpoint.name, "healthy" if healthy else "unhealthy")
@@ -474,7 +474,7 @@ class Broker:
                     f"{st.endpoint.url}/{ctx.path}",
                     content=content,
                     headers=self._headers(ctx, st, incoming),
-                    timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+                    timeout=httpx2.Timeout(timeout, connect=min(timeout, 5.0)),
                 )
                 try:
                     if stream:
@@ -483,12 +483,12 @@ class Broker:
                         # httpx timeouts bound each read, not the call: a whole-call bound
                         # keeps an upstream that trickles its answer inside the budget.
                         resp = await asyncio.wait_for(self.client.send(req), timeout)
-                except (httpx.TimeoutException, TimeoutError):
+                except (httpx2.TimeoutException, TimeoutError):
                     outcome.fail()
                     last_error = UpstreamTimeout(
                         f"endpoint {st.endpoint.name} did not answer within {timeout:.1f}s", code="upstream_timeout"
                     )
-                except httpx.HTTPError as exc:
+                except httpx2.HTTPError as exc:
                     outcome.fail()
                     last_error = BadGateway(
                         f"endpoint {st.endpoint.name} failed: {type(exc).__name__}", code="upstream_unavailable"
@@ -522,7 +522,7 @@ class Broker:
         self._record(ctx, None, 0, 0, outcome="error", status=last_error.status, stream=stream)
         raise last_error
 
-    async def _upstream_error(self, st: EndpointState, resp: httpx.Response) -> AgentbusError:
+    async def _upstream_error(self, st: EndpointState, resp: httpx2.Response) -> AgentbusError:
         raw = await resp.aread()
         await resp.aclose()
         detail = ""
@@ -547,11 +547,11 @@ class Broker:
         return e
 
     async def _finish_json(
-        self, ctx: CallContext, st: EndpointState, resp: httpx.Response, t0: float, outcome: _Outcome
+        self, ctx: CallContext, st: EndpointState, resp: httpx2.Response, t0: float, outcome: _Outcome
     ) -> Response:
         try:
             raw = await resp.aread()
-        except httpx.HTTPError as exc:
+        except httpx2.HTTPError as exc:
             outcome.fail()
             raise BadGateway(f"endpoint {st.endpoint.name} broke off the response", code="upstream_error") from exc
         try:
@@ -574,7 +574,7 @@ class Broker:
         return Response(raw, media_type="application/json", headers={"X-Agentbus-Endpoint": st.endpoint.name})
 
     def _relay_stream(
-        self, ctx: CallContext, st: EndpointState, resp: httpx.Response, t0: float, strip_usage: bool
+        self, ctx: CallContext, st: EndpointState, resp: httpx2.Response, t0: float, strip_usage: bool
     ) -> StreamingResponse:
         state: dict[str, Any] = {"tin": None, "tout": None, "chars": 0, "ttft": None, "ok": False, "closed": False}
 
@@ -593,7 +593,7 @@ class Broker:
                     if out is not None:
                         yield out + b"\n\n"
                 state["ok"] = True
-            except httpx.HTTPError as exc:
+            except httpx2.HTTPError as exc:
                 err = BadGateway(f"endpoint {st.endpoint.name} broke off the stream: {type(exc).__name__}")
                 yield b"data: " + orjson.dumps(err.to_body()) + b"\n\n"
 
