@@ -4,7 +4,11 @@ Why not tests/upstream.py (Starlette + uvicorn): the benchmark subtracts the lat
 direct call from the latency of the same call through agentbus, and on a 2-core machine
 every microsecond the upstream spends is a microsecond taken from agentbus or the load
 generator. So this is a raw ``asyncio.Protocol`` HTTP/1.1 server on uvloop that answers
-from pre-rendered bytes: no framework, no routing table, no artificial delay.
+from pre-rendered bytes: no framework, no routing table, and no delay unless ``--delay-ms`` asks
+for one: then each completion is answered after a delay drawn uniformly from 0.5x to 1.5x
+that (like a model; the spread keeps closed-loop clients from marching in lockstep, which
+a fixed delay would make them do, every call of a round arriving in the same instant).
+Other routes still answer at once.
 
 Routes:
 
@@ -16,7 +20,7 @@ Routes:
 - ``GET /v1/models``, ``GET /metrics`` (vLLM gauges, all zero: the broker scrapes them),
   ``GET /readyz`` (what bench.servers.Server polls before a run).
 
-Run: ``python -m bench.upstream_server --port 8001``.
+Run: ``python -m bench.upstream_server --port 8001 [--delay-ms 50]``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import random
 import signal
 from typing import Any
 
@@ -114,6 +119,8 @@ NOT_FOUND = _fixed(b"404 Not Found", b"application/json", b'{"error":{"message":
 BAD_REQUEST = _fixed(b"400 Bad Request", b"application/json", b'{"error":{"message":"bad request"}}')
 GETS = {b"/v1/models": MODELS_RESPONSE, b"/metrics": METRICS_RESPONSE, b"/readyz": READY_RESPONSE}
 COMPLETION_PATHS = (b"/v1/chat/completions", b"/v1/completions")
+# Seconds a completion takes (``--delay-ms``); 0 answers at once.
+DELAY_S = 0.0
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -122,6 +129,7 @@ class UpstreamProtocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
+        self.answer_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -156,22 +164,32 @@ class UpstreamProtocol(asyncio.Protocol):
             self._handle(parts[0], parts[1], body, close=b"\r\nconnection: close" in head)
 
     def _handle(self, method: bytes, path: bytes, body: bytes, *, close: bool) -> None:
-        if method == b"POST" and path in COMPLETION_PATHS:
-            try:
-                req: Any = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                self._answer(BAD_REQUEST, close=close)
-                return
-            if not isinstance(req, dict):
-                self._answer(BAD_REQUEST, close=close)
-            elif req.get("stream"):
-                self._stream(bool((req.get("stream_options") or {}).get("include_usage")), close=close)
-            else:
-                self._answer(JSON_RESPONSE, close=close)
+        if method == b"POST" and path in COMPLETION_PATHS and DELAY_S > 0:
+            loop = asyncio.get_running_loop()
+            # Never before this connection's previous answer: answers stay in request order.
+            self.answer_at = max(self.answer_at, loop.time() + DELAY_S * random.uniform(0.5, 1.5))
+            loop.call_at(self.answer_at, self._complete, body, close)
+        elif method == b"POST" and path in COMPLETION_PATHS:
+            self._complete(body, close)
         elif method == b"GET" and path in GETS:
             self._answer(GETS[path], close=close)
         else:
             self._answer(NOT_FOUND, close=close)
+
+    def _complete(self, body: bytes, close: bool) -> None:
+        if self.transport is None:
+            return  # the client went away while the "model" worked
+        try:
+            req: Any = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            self._answer(BAD_REQUEST, close=close)
+            return
+        if not isinstance(req, dict):
+            self._answer(BAD_REQUEST, close=close)
+        elif req.get("stream"):
+            self._stream(bool((req.get("stream_options") or {}).get("include_usage")), close=close)
+        else:
+            self._answer(JSON_RESPONSE, close=close)
 
     def _answer(self, response: bytes, *, close: bool) -> None:
         assert self.transport is not None
@@ -204,7 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--delay-ms", type=float, default=0.0, help="answer each completion after this long")
     args = p.parse_args(argv)
+    global DELAY_S
+    DELAY_S = args.delay_ms / 1000.0
     try:
         import uvloop
 
