@@ -386,6 +386,119 @@ def test_epoch_reload_when_a_read_lands_during_commit(run: Callable[..., Any]) -
     run(body, n=2)
 
 
+class _CountLoads:
+    """Counts the epoch loads (HGETALL) a store sends."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.n = 0
+        real = store.client.hgetall
+
+        async def hgetall(*a: Any, **kw: Any) -> Any:
+            self.n += 1
+            return await real(*a, **kw)
+
+        store.client.hgetall = hgetall
+
+
+def test_commit_after_reads_uses_the_epoch_shadow(run: Callable[..., Any]) -> None:
+    """Reads served by this process: the commit needs no epoch load, and still sees
+    every conflict (stale read, overflow)."""
+
+    async def body(s: RedisStore, other: RedisStore) -> None:
+        a, b = ref("alice"), ref("bob")
+        await ok(other, b, put("x", 1), put("y", 1))
+        loads = _CountLoads(s)
+        await s.read(a, "x")
+        await s.read(a, "y")
+        await s.read(a, "x")  # already recorded: the shadow follows a no-op too
+        await ok(s, a, put("z"))
+        assert loads.n == 0
+        await s.read(a, "x")
+        await s.read(a, "nope")
+        await ok(other, b, put("x", 2))
+        out = await s.commit(a, req(put("z")))
+        assert kinds(out) == [("x", "stale_read")] and loads.n == 0
+        for k in ("p", "q", "r"):  # readset_max_entries=2: the third read overflows
+            await s.read(a, k)
+        with pytest.raises(ReadSetExpired) as exc:
+            await s.commit(a, req(put("z")))
+        # A 410 is only raised after looking for a stored outcome (Idempotency-Key), so the
+        # shadow's overflow sends the commit down the loading path.
+        assert exc.value.code == "read_set_overflow" and loads.n == 1
+
+    run(body, n=2, readset_max_entries=2)
+
+
+def test_epoch_shadow_is_dropped_when_another_process_reads(run: Callable[..., Any]) -> None:
+    async def body(s: RedisStore, other: RedisStore) -> None:
+        a, b = ref("alice"), ref("bob")
+        await ok(other, b, put("k1"), put("k2"), put("k3"))
+        loads = _CountLoads(s)
+        await s.read(a, "k1")
+        await other.read(a, "k2")  # same session, other process: gen moves by one we did not do
+        await s.read(a, "k3")
+        await ok(other, b, put("k2", 2))
+        out = await s.commit(a, req(put("z")))
+        assert kinds(out) == [("k2", "stale_read")]
+        assert loads.n == 1  # the shadow was dropped, so the epoch was loaded
+
+    run(body, n=2)
+
+
+def test_epoch_shadow_matches_loading_the_epoch(redis_url: str, prefix: str) -> None:
+    """Random reads (from two processes), listings and foreign writes for one session, then a
+    commit: the outcome is the same with and without the shadow."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from agentbus.store.redis import EpochShadows
+
+    op = st.one_of(
+        st.tuples(st.just("read"), st.integers(0, 1), st.sampled_from(["a", "b", "c", "n"])),
+        st.tuples(st.just("write"), st.just(2), st.sampled_from(["a", "b", "c", "l1"])),
+        st.tuples(st.just("list"), st.integers(0, 1), st.just("l")),
+    )
+
+    async def replay(stores: list[RedisStore], space: str, ops: list[tuple[str, int, str]], commit_by: int) -> Any:
+        a, w = ref("alice", space=space), ref("writer", space=space)
+        for kind, who, key in ops:
+            if kind == "read":
+                await stores[who].read(a, key)
+            elif kind == "list":
+                await stores[who].list(a, key, None, 10)
+            else:
+                await ok(stores[who], w, put(key, random.random()))
+        try:
+            out = await stores[commit_by].commit(a, req(put("z")))
+        except ReadSetExpired as exc:
+            return exc.code
+        return "ok" if out.result is not None else kinds(out)
+
+    cfg = Settings(redis_prefix=prefix, readset_max_entries=3)
+    shadowed = [RedisStore(cfg, redis_url) for _ in range(3)]
+    plain = [RedisStore(cfg, redis_url) for _ in range(3)]
+    for st_ in plain:
+        st_._shadows = EpochShadows(cap=0)  # keeps nothing
+    loop = asyncio.new_event_loop()
+    for st_ in (*shadowed, *plain):
+        loop.run_until_complete(st_.start())
+    try:
+
+        @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(ops=st.lists(op, max_size=8), commit_by=st.integers(0, 1))
+        def check(ops: list[tuple[str, int, str]], commit_by: int) -> None:
+            space = f"sh{uuid.uuid4().hex[:8]}"
+            got = loop.run_until_complete(replay(shadowed, space, ops, commit_by))
+            want = loop.run_until_complete(replay(plain, space + "p", ops, commit_by))
+            assert got == want, (ops, got, want)
+
+        check()
+    finally:
+        for st_ in (*shadowed, *plain):
+            loop.run_until_complete(st_.close())
+        loop.close()
+
+
 def test_overflow_gives_410_and_ends_epoch(run: Callable[..., Any]) -> None:
     async def body(s: RedisStore) -> None:
         a = ref("alice")

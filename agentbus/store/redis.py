@@ -53,6 +53,7 @@ import asyncio
 import hashlib
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -170,6 +171,64 @@ def _parse_epoch(raw: Mapping[bytes, bytes]) -> tuple[Epoch, str] | None:
     return epoch, tag
 
 
+class EpochShadows:
+    """This process's copy of the epochs of sessions whose reads it served, so a commit after
+    reads can skip loading the epoch (one round trip instead of two).
+
+    A copy is only kept while it is provably exact: every read script reports what it did to
+    the epoch ('a' added an entry, 'o' set overflow, 'n' nothing) and the epoch's tok and gen
+    afterwards, and the copy follows only if gen moved by exactly what this read did. Any other
+    change (a read served by another process, a listing, an expired and recreated epoch) drops
+    it, and the commit loads the epoch as before. The commit script still compares the tag
+    "tok:gen", so a copy that went stale between the read and the commit costs a retry, never a
+    wrong answer. Bounded: at most ``cap`` sessions (oldest dropped) of at most ``max_points``.
+    """
+
+    def __init__(self, cap: int = 10_000, max_points: int = 256) -> None:
+        self.cap = cap
+        self.max_points = max_points
+        self._d: OrderedDict[SessionRef, tuple[bytes, int, Epoch]] = OrderedDict()
+
+    def follow(
+        self, ref: SessionRef, key: str, version: int, did: bytes, tok: bytes, gen: int, started: float, token: str
+    ) -> None:
+        old = self._d.pop(ref, None)
+        if tok == token.encode():  # this read started the epoch
+            if did != b"a" or gen != 1:
+                return
+            epoch = Epoch(started_at=started, overflow=False, generation=gen)
+            epoch.points[key] = version
+        elif old is None or old[0] != tok:
+            return
+        else:
+            epoch = old[2]
+            if did == b"n" and gen == old[1] and (key in epoch.points or epoch.overflow):
+                pass
+            elif did == b"a" and gen == old[1] + 1 and key not in epoch.points:
+                epoch.points[key] = version
+            elif did == b"o" and gen == old[1] + 1:
+                epoch.overflow = True
+            else:
+                return
+            epoch.generation = gen
+        if len(epoch.points) > self.max_points:
+            return
+        self._d[ref] = (tok, gen, epoch)
+        if len(self._d) > self.cap:
+            self._d.popitem(last=False)
+
+    def pop(self, ref: SessionRef) -> tuple[Epoch, str] | None:
+        """The epoch and its tag, as :func:`_parse_epoch` would give them; forgotten here."""
+        got = self._d.pop(ref, None)
+        if got is None:
+            return None
+        tok, gen, epoch = got
+        return epoch, f"{tok.decode()}:{gen}"
+
+    def drop(self, ref: SessionRef) -> None:
+        self._d.pop(ref, None)
+
+
 def _lex_bounds(prefix: str, start_after: str | None) -> tuple[bytes, bytes]:
     """ZRANGEBYLEX bounds for keys starting with ``prefix`` and greater than ``start_after``
     (byte order, as ``COLLATE "C"`` in the SQL stores)."""
@@ -216,6 +275,7 @@ class RedisStore(Store):
         # Sessions this process delivered reads to and has not seen commit since. Only a hint
         # for which commit path to try first: the script re-checks the epoch either way.
         self._readers: dict[SessionRef, None] = {}
+        self._shadows = EpochShadows()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -332,16 +392,19 @@ class RedisStore(Store):
     async def read(self, ref: SessionRef, key: str) -> Shard | None:
         b = self._base(ref.tenant, ref.space)
         _, now = self._clock()
+        token = uuid.uuid4().hex
         async with self._guard():
-            meta_raw, value = await self._eval(
+            meta_raw, value, did, tok, gen, started = await self._eval(
                 self._read,
                 (f"{b}:meta", f"{b}:vals", self._epoch_key(ref)),
-                (key, now, self._max_entries, self._retention_ms, uuid.uuid4().hex),
+                (key, now, self._max_entries, self._retention_ms, token),
             )
         self._note_reader(ref)
-        if meta_raw is None or value is None:
+        meta = _parse_meta(key, meta_raw) if meta_raw is not None else None
+        self._shadows.follow(ref, key, meta.version if meta else 0, did, tok, int(gen), float(started), token)
+        if meta is None or value is None:
             return None
-        return Shard(meta=_parse_meta(key, meta_raw), value_json=value.decode())
+        return Shard(meta=meta, value_json=value.decode())
 
     def _note_reader(self, ref: SessionRef) -> None:
         if len(self._readers) >= 100_000:
@@ -362,6 +425,7 @@ class RedisStore(Store):
                 (lo, hi, limit, ident_base, now, self._max_entries, self._retention_ms, uuid.uuid4().hex),
             )
         self._note_reader(ref)
+        self._shadows.drop(ref)  # range reads: the commit loads the epoch itself
         items = [_parse_meta(k.decode(), m) for k, m in zip(keys, metas, strict=True) if m is not None]
         cursor = encode_cursor(items[-1].key) if has_more and items else None
         return Listing(items=items, next_cursor=cursor)
@@ -374,6 +438,7 @@ class RedisStore(Store):
         return parsed[0] if parsed else None
 
     async def clear_epoch(self, ref: SessionRef) -> None:
+        self._shadows.drop(ref)
         async with self._guard():
             await self.client.delete(self._epoch_key(ref))
 
@@ -386,11 +451,19 @@ class RedisStore(Store):
         # round trip: the script is called as if there were no epoch, and answers "E" if there
         # is one after all (read by another process), which sends us down the two-trip path.
         optimistic = self._readers.pop(ref, False) is False
+        # Every outcome ends the epoch, so its shadow is used at most once. With a shadow the
+        # first try skips loading the epoch; the script's tag check catches a stale shadow.
+        shadow = self._shadows.pop(ref)
         async with self._guard():
             for _ in range(MAX_EPOCH_RETRIES):
-                if optimistic:
+                parsed: tuple[Epoch, str] | None
+                from_shadow = shadow is not None
+                if shadow is not None:
+                    parsed, shadow = shadow, None
                     optimistic = False
-                    raw_epoch = None
+                elif optimistic:
+                    optimistic = False
+                    parsed = None
                 # Round trip 1: the stored outcome (if any) and the epoch.
                 elif idem_key is not None:
                     rec, raw_epoch = await self._pipeline((("GET", idem_key), ("HGETALL", ep_key)))
@@ -399,14 +472,18 @@ class RedisStore(Store):
                         if stored is not None:
                             return CommitOutcome(stored=stored)
                         continue
+                    parsed = _parse_epoch(raw_epoch)
                 else:
-                    raw_epoch = await self.client.hgetall(ep_key)
-                parsed = _parse_epoch(raw_epoch)
+                    parsed = _parse_epoch(await self.client.hgetall(ep_key))
                 epoch, tag = parsed if parsed else (None, "")
                 now, now_text = self._clock()
                 try:
                     v.check_epoch(epoch, now=now, ttl_s=self.settings.readset_ttl_s)
                 except ReadSetExpired:
+                    if from_shadow:
+                        # A stored outcome under the Idempotency-Key wins over the 410: take
+                        # the path that looks for it first.
+                        continue
                     await self._pipeline(
                         (
                             self._expire.args((f"{b}:space", ep_key), (now_text, tag.split(":", 1)[0])),

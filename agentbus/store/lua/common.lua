@@ -35,7 +35,8 @@ end
 -- counted from the start like SQLStore.purge), stop at overflow, keep the FIRST value
 -- recorded, and when full overflow only on a read that is not recorded yet. Every change
 -- that matters to a commit bumps gen, so a commit that loaded the epoch before this read
--- sees the change and reloads.
+-- sees the change and reloads. Returns what this call did: 'a' added the entry, 'o' set
+-- overflow, 'n' nothing (the Python shadow of the epoch follows it by this and gen).
 local function record(ep, field, val, now, maxn, retention_ms, tok)
   local hdr = redis.call('HMGET', ep, 'n', 'overflow')
   if not hdr[1] then
@@ -43,17 +44,20 @@ local function record(ep, field, val, now, maxn, retention_ms, tok)
     redis.call('PEXPIRE', ep, retention_ms)
     hdr = {'0', '0'}
   end
-  if hdr[2] == '1' then return end
+  if hdr[2] == '1' then return 'n' end
   if tonumber(hdr[1]) >= tonumber(maxn) then
     -- Full: a read already recorded needs no entry; a new one cannot be recorded.
     if redis.call('HEXISTS', ep, field) == 0 then
       redis.call('HSET', ep, 'overflow', '1')
       redis.call('HINCRBY', ep, 'gen', 1)
+      return 'o'
     end
-    return
+    return 'n'
   end
   if redis.call('HSETNX', ep, field, val) == 1 then
     redis.call('HINCRBY', ep, 'n', 1)
     redis.call('HINCRBY', ep, 'gen', 1)
+    return 'a'
   end
+  return 'n'
 end
