@@ -17,14 +17,21 @@ history, tokens, budgets, purge) stays on the SQLAlchemy engines of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import make_url
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: SQLite's busy handler alone orders the writers
+    fcntl = None  # type: ignore[assignment]
 
 from agentbus.core import validation as v
 from agentbus.core.errors import BackendUnavailable, BadRequest, ReadSetExpired
@@ -103,6 +110,7 @@ class SQLiteStore(SQLStore):
 
     _executor: ThreadPoolExecutor | None = None
     _conn: sqlite3.Connection | None = None
+    _turn_fd: int | None = None
 
     async def start(self) -> None:
         database = make_url(self.url).database
@@ -131,6 +139,9 @@ class SQLiteStore(SQLStore):
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+        fd, self._turn_fd = self._turn_fd, None
+        if fd is not None:
+            os.close(fd)
 
     def _connection(self) -> sqlite3.Connection:
         """The writer thread's connection, opened on first use (on that thread)."""
@@ -148,6 +159,11 @@ class SQLiteStore(SQLStore):
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.settings.sqlite_synchronous}")
             self._conn = conn
+            if fcntl is not None and self._turn_fd is None:
+                try:
+                    self._turn_fd = os.open(self._path + "-writer.lock", os.O_RDWR | os.O_CREAT, 0o600)
+                except OSError:
+                    self._turn_fd = None  # e.g. a read-only directory: SQLite's busy handler alone
         return self._conn
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -172,22 +188,44 @@ class SQLiteStore(SQLStore):
     def _in_tx_once(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         try:
             conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise _mapped(exc) from exc
-        try:
-            out = fn(conn, *args)
-            conn.execute("COMMIT")
-            return out
-        except BaseException as exc:
+        with self._writer_turn():
             try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                # The transaction is gone (e.g. the file vanished): start over next time.
-                self._close_conn()
-            if isinstance(exc, sqlite3.Error):
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
                 raise _mapped(exc) from exc
-            raise
+            try:
+                out = fn(conn, *args)
+                conn.execute("COMMIT")
+                return out
+            except BaseException as exc:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    # The transaction is gone (e.g. the file vanished): start over next time.
+                    self._close_conn()
+                if isinstance(exc, sqlite3.Error):
+                    raise _mapped(exc) from exc
+                raise
+
+    @contextlib.contextmanager
+    def _writer_turn(self) -> Iterator[None]:
+        """The writer threads of all processes on this database take turns through an
+        ``flock`` on a file beside it. Why: SQLite's own busy handler polls with sleeps of up
+        to 100 ms, so two processes committing constantly (``--workers 2``) handed the write
+        lock back and forth with long gaps (p99 0.65 s at 32 agents); a blocked ``flock``
+        is woken by the kernel the moment the lock is free. SQLite's lock stays what makes
+        a transaction exclusive; writes through the SQLAlchemy engine do not take the turn
+        and simply meet SQLite's lock as before."""
+        if self._turn_fd is None:
+            yield
+            return
+        fcntl.flock(self._turn_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._turn_fd, fcntl.LOCK_UN)
 
     # ------------------------------------------------------------------ reads
     async def read(self, ref: SessionRef, key: str) -> Shard | None:
