@@ -78,9 +78,9 @@ local function contains(r, key)
   return true
 end
 
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+-- The space seq is only needed here when there are range reads (HINCRBY returns it below).
 local changed = nil
-if floor ~= nil and floor < seq then
+if floor ~= nil and floor < tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') then
   changed = redis.call('ZRANGEBYSCORE', KEYS[5], '(' .. floor, '+inf', 'WITHSCORES')
   if ok then
     for j = 1, #changed, 2 do
@@ -104,7 +104,7 @@ if not ok then
   -- is refused again rather than applied against an emptied one.
   if idem then
     redis.call('SET', idem, '0|' .. ARGV[5] .. '|' .. ARGV[2], 'PX', ARGV[11])
-  else
+  elseif tag ~= '' then
     redis.call('DEL', KEYS[7])
   end
   local heads = {}
@@ -117,7 +117,7 @@ if not ok then
   return {'C', pkeys, heads, ckeys, cmetas, created}
 end
 
-seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local by = ARGV[7]
 local versions, parts, vparts = {}, {}, {}
 for i = 1, nw do
@@ -147,7 +147,7 @@ for i = 1, nw do
 end
 -- The log list holds commit seq s at index s-1.
 redis.call('RPUSH', KEYS[6], ARGV[6] .. ',"seq":' .. seq .. ',"writes":[' .. table.concat(parts, ',') .. ']}')
-redis.call('DEL', KEYS[7])
+if tag ~= '' then redis.call('DEL', KEYS[7]) end
 if idem then
   local body = '{"commit_id":"' .. ARGV[2] .. '","seq":' .. seq .. ',"versions":{' .. table.concat(vparts, ',') .. '}}'
   redis.call('SET', idem, '200|' .. ARGV[5] .. '|' .. body, 'PX', ARGV[4])
