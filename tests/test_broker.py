@@ -1242,3 +1242,40 @@ def test_broker_without_endpoints_is_503_not_configured(bk: Bk) -> None:
         assert err["retryable"] is True
     r = bk.http.get("/v1/models", headers=auth(tok))
     assert r.status_code == 200 and r.json() == {"object": "list", "data": []}
+
+
+def test_accounting_writes_are_retried_not_dropped() -> None:
+    """A usage record or count that meets a brief 503 (no free connection, a reconnect) is
+    written on a later attempt; one that keeps failing is reported, not silently lost."""
+    import asyncio
+
+    from agentbus.broker import service
+    from agentbus.core.errors import BackendUnavailable, ValidationFailed
+
+    calls = 0
+
+    async def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise BackendUnavailable("busy")
+        return "stored"
+
+    assert asyncio.run(service._retrying(flaky)) == "stored" and calls == 3
+
+    async def down() -> None:
+        raise BackendUnavailable("down")
+
+    with pytest.raises(BackendUnavailable):
+        asyncio.run(service._retrying(down))
+
+    attempts = 0
+
+    async def bad() -> None:
+        nonlocal attempts
+        attempts += 1
+        raise ValidationFailed("not retryable")
+
+    with pytest.raises(ValidationFailed):
+        asyncio.run(service._retrying(bad))
+    assert attempts == 1

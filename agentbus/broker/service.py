@@ -16,7 +16,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -283,7 +283,7 @@ class Broker:
         if ctx.charge_scopes is not None:
             scopes, ctx.charge_scopes = ctx.charge_scopes, None
             try:
-                await self.store.budgets.charge(scopes, actual, time.time(), release=release)
+                await _retrying(lambda: self.store.budgets.charge(scopes, actual, time.time(), release=release))
             except AgentbusError:
                 # No limit depends on it; the usage record still has the call.
                 log.warning("counting a call's usage failed", exc_info=True)
@@ -333,7 +333,7 @@ class Broker:
 
     async def _store_usage(self, rec: UsageRecord) -> None:
         try:
-            await self.store.budgets.record_usage(rec)
+            await _retrying(lambda: self.store.budgets.record_usage(rec))
         except Exception:
             log.warning("could not store a usage record", exc_info=True)
 
@@ -683,6 +683,26 @@ class Broker:
                 for key, lim in scopes.items()
             },
         }
+
+
+# Accounting writes (usage records, counts of callers without limits) are retried this
+# many times over about 1.5 s when the store is briefly unavailable (a busy pool, a
+# reconnect), instead of being dropped at the first 503.
+ACCOUNTING_ATTEMPTS = 4
+
+
+async def _retrying(write: Callable[[], Awaitable[Any]]) -> Any:
+    """Why retry rather than drop: who spent what is the broker's record. The price is that a
+    write whose reply was lost after it was applied may be counted twice; a write that never
+    reached the store (no free connection, a reconnect) is counted once."""
+    for attempt in range(ACCOUNTING_ATTEMPTS):
+        try:
+            return await write()
+        except BackendUnavailable:
+            if attempt == ACCOUNTING_ATTEMPTS - 1:
+                raise
+            await asyncio.sleep(0.1 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def _read(path: Path) -> str:

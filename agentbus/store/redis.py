@@ -84,6 +84,7 @@ from agentbus.settings import Settings
 from agentbus.store.base import CommitOutcome, CommitRequest, HistoryEntry, Listing, Store, outcome_body
 from agentbus.store.redis_budget import RedisBudgetStore
 from agentbus.store.redis_errors import UNAVAILABLE, is_unavailable, unavailable
+from agentbus.store.redis_pool import FairBlockingConnectionPool
 
 # The commit script says "reload the epoch" when a read of the same session slipped in
 # between loading the epoch and running the script; only a session reading in a tight loop
@@ -296,7 +297,7 @@ class RedisStore(Store):
             plain = scheme.split("+", 1)[0] + "://" + rest
             self.client = RedisCluster.from_url(plain, max_connections=max(32, self.settings.pool_size * 4), **common)
         else:
-            pool = aioredis.BlockingConnectionPool.from_url(
+            pool = FairBlockingConnectionPool.from_url(
                 self.url,
                 max_connections=max(32, self.settings.pool_size * 4),
                 timeout=5.0,
