@@ -22,11 +22,14 @@ the shortcut off (the test suite compares both).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agentbus.api import broker, bus
@@ -81,17 +84,10 @@ class FastBus:
         await self.app(scope, receive, send)
 
     async def _read(self, scope: Scope, receive: Receive, send: Send, space: str, key: str) -> None:
-        route = self._read_route
-        scope["route"] = route
-        scope["endpoint"] = route.endpoint
-        scope["path_params"] = {"space": space, "key": key}
-        request = bus.StrictJSONRequest(scope, receive)
-        try:
-            who = await self._reader(request)
-            response = await bus.read_shard(request, space, key, who)
-        except AgentbusError as exc:
-            response = error_response(exc)
-        await response(scope, receive, send)
+        async def endpoint(request: Request) -> Response:
+            return await bus.read_shard(request, space, key, await self._reader(request))
+
+        await _serve(scope, receive, send, self._read_route, {"space": space, "key": key}, endpoint)
 
     async def _commit(self, scope: Scope, receive: Receive, send: Send, space: str) -> None:
         ctype, idem = _headers(scope)
@@ -105,18 +101,13 @@ class FastBus:
         if model is None:
             await self.app(scope, _replay(messages, receive), send)
             return
-        route = self._commit_route
-        scope["route"] = route
-        scope["endpoint"] = route.endpoint
-        scope["path_params"] = {"space": space}
-        request = bus.StrictJSONRequest(scope, receive)
-        try:
-            who = await self._writer(request)
-            idempotency_key = idem[0].decode("latin-1") if idem else None
-            response = await bus.commit(request, space, model, who, idempotency_key)
-        except AgentbusError as exc:
-            response = error_response(exc)
-        await response(scope, receive, send)
+        commit_in = model
+        idempotency_key = idem[0].decode("latin-1") if idem else None
+
+        async def endpoint(request: Request) -> Response:
+            return await bus.commit(request, space, commit_in, await self._writer(request), idempotency_key)
+
+        await _serve(scope, receive, send, self._commit_route, {"space": space}, endpoint)
 
     async def _broker(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         ctype, _ = _headers(scope)
@@ -130,17 +121,31 @@ class FastBus:
         if not isinstance(body, dict):
             await self.app(scope, _replay(messages, receive), send)
             return
-        route = self._broker_routes[path]
-        scope["route"] = route
-        scope["endpoint"] = route.endpoint
-        scope["path_params"] = {}
-        request = bus.StrictJSONRequest(scope, receive)
-        try:
-            who = await self._invoker(request)
-            response = await broker._proxy(request, who, *broker.OPERATIONS[path], body=body)
-        except AgentbusError as exc:
-            response = error_response(exc)
-        await response(scope, receive, send)
+
+        async def endpoint(request: Request) -> Response:
+            return await broker._proxy(request, await self._invoker(request), *broker.OPERATIONS[path], body=body)
+
+        await _serve(scope, receive, send, self._broker_routes[path], {}, endpoint)
+
+
+async def _serve(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    route: APIRoute,
+    path_params: dict[str, str],
+    endpoint: Callable[[Request], Awaitable[Response]],
+) -> None:
+    """Answer as the router would have: the route in the scope, errors in the one shape."""
+    scope["route"] = route
+    scope["endpoint"] = route.endpoint
+    scope["path_params"] = path_params
+    request = bus.StrictJSONRequest(scope, receive)
+    try:
+        response = await endpoint(request)
+    except AgentbusError as exc:
+        response = error_response(exc)
+    await response(scope, receive, send)
 
 
 def _headers(scope: Scope) -> tuple[bytes | None, list[bytes]]:
