@@ -27,7 +27,6 @@ from typing import Any
 
 import orjson
 from fastapi.routing import APIRoute
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -96,7 +95,7 @@ class FastBus:
         if body is not None and ctype in _JSON_TYPES and len(idem) <= 1 and all(len(v) <= _IDEM_MAX for v in idem):
             try:
                 model = bus.CommitIn.model_validate(bus.strict_json(body))
-            except (ValueError, ValidationError):
+            except ValueError:  # json.JSONDecodeError and pydantic's ValidationError both are
                 model = None
         if model is None:
             await self.app(scope, _replay(messages, receive), send)
