@@ -73,12 +73,12 @@ class Server:
         import psutil
 
         assert self.proc is not None
+        if self.workers == 1:
+            return True
         try:
             children = psutil.Process(self.proc.pid).children()
         except psutil.NoSuchProcess:
             return False
-        if self.workers == 1:
-            return True
         listening = 0
         for child in children:
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):

@@ -42,6 +42,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def listening_children(pid: int, port: int) -> list[int]:
+    """The child processes of ``pid`` listening on ``port``: with ``serve --workers N`` each
+    worker has its own socket, so all N are ready only once N children listen."""
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in child.net_connections("tcp")):
+                out.append(child.pid)
+    return out
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
@@ -145,7 +162,9 @@ class Server:
             if proc.poll() is not None:
                 raise RuntimeError(f"agentbus exited with {proc.returncode}; see {self.log_dir}")
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                # Every worker listening: a client connecting earlier would stay on the first.
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+                if ready and (workers == 1 or len(listening_children(proc.pid, port)) >= workers):
                     break
             except httpx.HTTPError:
                 pass

@@ -25,16 +25,7 @@ import pytest
 
 from agentbus import workers
 from agentbus.migrate import upgrade
-from tests.conftest import ROOT, free_port
-
-
-def _listening(children: list[psutil.Process], port: int) -> list[int]:
-    pids = []
-    for child in children:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in child.net_connections("tcp")):
-                pids.append(child.pid)
-    return pids
+from tests.conftest import ROOT, free_port, listening_children
 
 
 def _wait(cond: object, timeout: float = 60.0, what: str = "") -> None:
@@ -67,7 +58,7 @@ class Running:
         return [c for c in psutil.Process(self.proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
 
     def listening(self) -> list[int]:
-        return _listening(self.workers(), self.port)
+        return listening_children(self.proc.pid, self.port)
 
 
 @pytest.fixture
