@@ -428,6 +428,49 @@ def test_usage_records_newest_first(target: Target) -> None:
     run(target, body)
 
 
+def test_account_batch_equals_one_call_at_a_time(target: Target) -> None:
+    """``account`` (the broker's accounting queue) on a batch leaves the counters and usage
+    records that ``charge`` and ``record_usage`` one by one leave: random calls across
+    scopes, windows that roll inside the batch, released calls."""
+    rng = random.Random(7)
+    now = minute_now()
+    ten_a, ten_b = tenant(), tenant()
+
+    def scopes(ten: str, who: str) -> dict[str, Limits]:
+        return {f"t:{ten}": Limits(window_s=60), f"p:{ten}/{who}": Limits(window_s=3600)}
+
+    def batch(ten: str) -> tuple[list[b.Charge], list[UsageRecord]]:
+        charges = [
+            b.Charge(
+                scopes(ten, rng.choice(["ann", "bob"])),
+                Amount(rng.randint(0, 50), rng.choice([0.0, 0.25])),
+                now + i * 7.0,  # crosses minute windows inside the batch
+                release=rng.random() < 0.2,
+            )
+            for i in range(30)
+        ]
+        records = [_usage_rec(4_000_000_000.0 + i, ten, "ann", input_tokens=i) for i in range(12)]
+        return charges, records
+
+    async def body(s: BudgetStore) -> None:
+        charges, records = batch(ten_a)
+        await s.account(charges, records)
+        for c in charges:
+            await s.charge({k.replace(ten_a, ten_b): v for k, v in c.scopes.items()}, c.amount, c.at, release=c.release)
+        for r in records:
+            await s.record_usage(UsageRecord(**{**r.to_json(), "tenant": ten_b}))
+        end = now + 30 * 7.0
+        for who in ("ann", "bob"):
+            got_a = await s.counters(scopes(ten_a, who), end)
+            got_b = await s.counters(scopes(ten_b, who), end)
+            assert list(got_a.values()) == list(got_b.values())
+        assert sum(c.requests for c in got_a.values()) > 0
+        assert [r.input_tokens for r in await s.usage(ten_a, None, 50)] == list(range(11, -1, -1))
+        await s.account([], [])  # nothing to write is fine
+
+    run(target, body)
+
+
 @pytest.mark.redis
 def test_redis_usage_is_capped(redis_url: str) -> None:
     t = Target("redis", redis_url, f"bt{uuid.uuid4().hex[:10]}")

@@ -95,6 +95,7 @@ async def usage(request: Request, who: Annotated[Principal, Depends(_operator)])
 
     store = request.app.state.store
     broker = request.app.state.broker
+    await broker.accounting.drain()  # calls this process answered, counted after their answers
     now = time.time()
     records = await store.budgets.usage(who.tenant, None, USAGE_SCAN)
     tokens = [t for t in await store.list_tokens(who.tenant) if t.revoked_at is None]

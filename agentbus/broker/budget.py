@@ -14,6 +14,7 @@ window. ``inflight`` counts calls between reserve and settle/release.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -180,6 +181,28 @@ def charge(counter: Counter, actual: Amount, *, release: bool = False) -> Counte
     """Reserve and settle ``actual`` in one step (``counter`` must be rolled): for callers
     without limits there is nothing to admit or hold, only usage to count."""
     return settle(reserve(counter, actual), actual, actual, release=release)
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """One finished call of a caller without limits, to count on every scope (see
+    ``BudgetStore.charge``); ``at`` is when it finished."""
+
+    scopes: dict[str, Limits]
+    amount: Amount
+    at: float
+    release: bool = False
+
+
+def apply_charges(stored: dict[str, Counter], charges: Iterable[Charge]) -> dict[str, tuple[float, Counter]]:
+    """The counters (as stored, not rolled) after ``charges`` in order: scope -> (window_s,
+    counter). One function so every backend's batch write counts alike."""
+    out: dict[str, tuple[float, Counter]] = {}
+    for ch in charges:
+        for key, lim in ch.scopes.items():
+            counter = out[key][1] if key in out else stored.get(key, Counter())
+            out[key] = (lim.window_s, charge(roll(counter, lim, ch.at), ch.amount, release=ch.release))
+    return out
 
 
 def unlimited(limits: Limits) -> bool:

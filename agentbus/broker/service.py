@@ -16,7 +16,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from starlette.types import Receive, Scope, Send
 
 from agentbus.auth.principal import Principal
 from agentbus.broker import budget as b
+from agentbus.broker.accounting import Accountant
 from agentbus.broker.config import BrokerConfig, BrokerConfigError, load_env, load_text
 from agentbus.broker.pool import EndpointPool, EndpointState
 from agentbus.broker.rules import Signals, choose_route, estimate_tokens, signals_of
@@ -130,7 +131,7 @@ class Broker:
         self.client: httpx2.AsyncClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._digest: str | None = None
-        self._pending: set[asyncio.Task[None]] = set()
+        self.accounting = Accountant(lambda: self.store.budgets)
         self.telemetry: Any = None  # agentbus.telemetry.Telemetry, set by the app
 
     @property
@@ -139,6 +140,7 @@ class Broker:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        self.accounting.start()
         self.config = self._load()
         self.pool = EndpointPool(self.config)
         self.client = httpx2.AsyncClient(
@@ -160,6 +162,7 @@ class Broker:
                 await t
         if self.client is not None:
             await self.client.aclose()
+        await self.accounting.close()
 
     def _load(self) -> BrokerConfig:
         if self.settings.broker_config:
@@ -281,12 +284,9 @@ class Broker:
             return
         actual = b.Amount(tokens=tokens_in + tokens_out, cost=self.price(ctx.upstream_model, tokens_in, tokens_out))
         if ctx.charge_scopes is not None:
+            # No limit depends on it: counted after the answer (broker.accounting).
             scopes, ctx.charge_scopes = ctx.charge_scopes, None
-            try:
-                await _retrying(lambda: self.store.budgets.charge(scopes, actual, time.time(), release=release))
-            except AgentbusError:
-                # No limit depends on it; the usage record still has the call.
-                log.warning("counting a call's usage failed", exc_info=True)
+            self.accounting.charge(scopes, actual, time.time(), release=release)
             return
         assert ctx.reservation is not None
         try:
@@ -327,15 +327,7 @@ class Broker:
             stream=stream,
         )
         tel.broker_finish(self, ctx, rec)
-        task = asyncio.get_running_loop().create_task(self._store_usage(rec))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    async def _store_usage(self, rec: UsageRecord) -> None:
-        try:
-            await _retrying(lambda: self.store.budgets.record_usage(rec))
-        except Exception:
-            log.warning("could not store a usage record", exc_info=True)
+        self.accounting.record(rec)
 
     # ------------------------------------------------------------------ calls
     def context(self, operation: str, path: str, body: Any, principal: Principal, headers: Any) -> CallContext:
@@ -670,6 +662,7 @@ class Broker:
 
     async def budget_view(self, p: Principal) -> dict[str, Any]:
         scopes = self.scopes(p)
+        await self.accounting.drain()  # the caller's own calls, counted after their answers
         counters = await self.store.budgets.counters(scopes, time.time())
         return {
             "tenant": p.tenant,
@@ -683,26 +676,6 @@ class Broker:
                 for key, lim in scopes.items()
             },
         }
-
-
-# Accounting writes (usage records, counts of callers without limits) are retried this
-# many times over about 1.5 s when the store is briefly unavailable (a busy pool, a
-# reconnect), instead of being dropped at the first 503.
-ACCOUNTING_ATTEMPTS = 4
-
-
-async def _retrying(write: Callable[[], Awaitable[Any]]) -> Any:
-    """Why retry rather than drop: who spent what is the broker's record. The price is that a
-    write whose reply was lost after it was applied may be counted twice; a write that never
-    reached the store (no free connection, a reconnect) is counted once."""
-    for attempt in range(ACCOUNTING_ATTEMPTS):
-        try:
-            return await write()
-        except BackendUnavailable:
-            if attempt == ACCOUNTING_ATTEMPTS - 1:
-                raise
-            await asyncio.sleep(0.1 * 2**attempt)
-    raise AssertionError("unreachable")
 
 
 def _read(path: Path) -> str:

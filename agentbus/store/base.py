@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import abc
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agentbus.broker.budget import Amount, Counter, Denial, Limits
+from agentbus.broker.budget import Amount, Charge, Counter, Denial, Limits
 from agentbus.core import validation as v
 from agentbus.core.model import (
     CommitRecord,
@@ -207,6 +208,19 @@ class BudgetStore(abc.ABC):
 
     @abc.abstractmethod
     async def record_usage(self, rec: UsageRecord) -> None: ...
+
+    #: ``account`` applies a whole batch or nothing (one SQL transaction). When False the
+    #: broker's accounting queue hands it one entry at a time, so a failure part-way through
+    #: a batch cannot make a retry count the entries already written a second time.
+    atomic_batches: bool = False
+
+    async def account(self, charges: Sequence[Charge], records: Sequence[UsageRecord]) -> None:
+        """Write counts of callers without limits and usage records (the broker's accounting
+        queue, :mod:`agentbus.broker.accounting`)."""
+        for c in charges:
+            await self.charge(c.scopes, c.amount, c.at, release=c.release)
+        for rec in records:
+            await self.record_usage(rec)
 
     @abc.abstractmethod
     async def usage(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, delete, insert, select, update
@@ -152,6 +152,21 @@ class SQLBudgetStore(BudgetStore):
                 for key, lim in sorted(scopes.items())
             ]
             await self._store_counters(conn, charged)
+
+    atomic_batches = True
+
+    async def account(self, charges: Sequence[b.Charge], records: Sequence[UsageRecord]) -> None:
+        """One transaction for the batch: the counters of all its scopes locked once (in
+        scope order, like every other writer), charged in order, stored in one statement."""
+        if not charges and not records:
+            return
+        async with self.sql._tx() as conn:
+            if charges:
+                scopes = {key: lim for c in charges for key, lim in c.scopes.items()}
+                after = b.apply_charges(await self._lock_counters(conn, scopes), charges)
+                await self._store_counters(conn, [(key, w, c) for key, (w, c) in sorted(after.items())])
+            if records:
+                await conn.execute(insert(usage), [r.to_json() for r in records])
 
     async def settle(self, reservation: Reservation, actual: Amount, now: float, *, release: bool = False) -> bool:
         async with self.sql._tx() as conn:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import uuid
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from agentbus.broker import budget as b
@@ -61,6 +62,10 @@ class SQLiteBudgetStore(SQLBudgetStore):
 
     async def record_usage(self, rec: UsageRecord) -> None:
         await self.sql._run(_add_usage, rec)
+
+    async def account(self, charges: Sequence[b.Charge], records: Sequence[UsageRecord]) -> None:
+        if charges or records:
+            await self.sql._run(_account, charges, records)
 
 
 def _locked(conn: sqlite3.Connection, key: str, limits: Limits, now: float) -> Counter:
@@ -126,3 +131,16 @@ def _settle(conn: sqlite3.Connection, reservation_id: str, actual: Amount, now: 
 
 def _add_usage(conn: sqlite3.Connection, rec: UsageRecord) -> None:
     conn.execute(ADD_USAGE, tuple(getattr(rec, f) for f in _USAGE_FIELDS))
+
+
+def _account(conn: sqlite3.Connection, charges: Sequence[b.Charge], records: Sequence[UsageRecord]) -> None:
+    if charges:
+        scopes = {key: lim for c in charges for key, lim in c.scopes.items()}
+        zero = tuple(getattr(Counter(), f) for f in _FIELDS)
+        stored: dict[str, Counter] = {}
+        for key, lim in sorted(scopes.items()):
+            row = conn.execute(LOCK_COUNTER, (key, lim.window_s, *zero)).fetchone()
+            stored[key] = Counter(**dict(zip(_FIELDS, row, strict=True)))
+        _store(conn, [(key, w, c) for key, (w, c) in sorted(b.apply_charges(stored, charges).items())])
+    if records:
+        conn.executemany(ADD_USAGE, [tuple(getattr(r, f) for f in _USAGE_FIELDS) for r in records])

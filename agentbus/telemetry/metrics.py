@@ -57,6 +57,11 @@ BUDGET_REMAINING = Gauge(
     multiprocess_mode="mostrecent",
 )
 TRACE_EVENTS = Counter("agentbus_trace_events_total", "Timeline events (outcome: stored|dropped|failed)", ["outcome"])
+ACCOUNTING = Counter(
+    "agentbus_broker_accounting_total",
+    "Broker usage records and counts written after the call (outcome: stored|retried|dropped)",
+    ["outcome"],
+)
 
 
 def render() -> bytes:

@@ -1,0 +1,203 @@
+"""The broker's accounting queue (:mod:`agentbus.broker.accounting`): counts and usage
+records written after the answer, batched, retried through outages, never silently lost.
+
+A stand-in backend records every ``account`` call, so the tests can see batches, order and
+retries; the real backends' ``account`` is tested in ``test_budget_store.py``, and the broker
+end to end (its counts exact after load) in ``test_broker*.py`` and ``bench.broker``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from agentbus.broker import accounting as acc
+from agentbus.broker.budget import Amount, Charge, Limits
+from agentbus.core.errors import BackendUnavailable
+from agentbus.store.base import UsageRecord
+
+
+def rec(i: int) -> UsageRecord:
+    return UsageRecord(
+        at=1000.0 + i,
+        tenant="t",
+        subject="a",
+        session="s",
+        model="m",
+        upstream_model="m",
+        endpoint="e",
+        route="default",
+        input_tokens=i,
+        output_tokens=0,
+        cost=0.0,
+        latency_ms=1.0,
+        ttft_ms=None,
+        outcome="ok",
+        status=200,
+        stream=False,
+    )
+
+
+class Backend:
+    """Writes into lists; fails the next ``outages`` calls with a 503, and refuses (a plain
+    error) any batch holding a record whose input_tokens is in ``poison``."""
+
+    def __init__(self, *, atomic: bool = True) -> None:
+        self.atomic_batches = atomic
+        self.calls: list[tuple[int, int]] = []  # (charges, records) per successful call
+        self.charges: list[Charge] = []
+        self.records: list[int] = []
+        self.outages = 0
+        self.poison: set[int] = set()
+        self.gate: asyncio.Event | None = None
+
+    async def account(self, charges: Sequence[Charge], records: Sequence[UsageRecord]) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        await asyncio.sleep(0)
+        if self.outages:
+            self.outages -= 1
+            raise BackendUnavailable("backend away")
+        if any(r.input_tokens in self.poison for r in records):
+            raise ValueError("refused")
+        self.calls.append((len(charges), len(records)))
+        self.charges.extend(charges)
+        self.records.extend(r.input_tokens for r in records)
+
+
+def run(body: Any) -> Any:
+    return asyncio.run(body())
+
+
+CHARGE = ({"t:t": Limits()}, Amount(3, 0.5))
+
+
+def test_a_burst_shares_its_writes_and_keeps_its_order() -> None:
+    backend = Backend()
+
+    async def body() -> None:
+        a = acc.Accountant(lambda: backend)  # type: ignore[arg-type, return-value]
+        a.start()
+        backend.gate = asyncio.Event()
+        for i in range(100):
+            a.charge(*CHARGE, 1000.0 + i)
+            a.record(rec(i))
+        backend.gate.set()
+        assert await a.drain(5)
+        assert backend.records == list(range(100))
+        assert [c.at for c in backend.charges] == [1000.0 + i for i in range(100)]
+        # The writer was busy with the first entry while the rest queued: a few calls, not 200.
+        assert len(backend.calls) <= 3, backend.calls
+        await a.close()
+
+    run(body)
+
+
+def test_non_atomic_backend_gets_one_entry_per_call() -> None:
+    backend = Backend(atomic=False)
+
+    async def body() -> None:
+        a = acc.Accountant(lambda: backend)  # type: ignore[arg-type, return-value]
+        for i in range(5):
+            a.record(rec(i))
+            a.charge(*CHARGE, 1000.0)
+        assert await a.drain(5)
+        assert backend.calls == [(0, 1), (1, 0)] * 5
+        await a.close()
+
+    run(body)
+
+
+def test_outage_is_retried_and_drain_waits_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(acc, "RETRY_S", 0.01)
+    backend = Backend()
+    backend.outages = 4
+
+    async def body() -> None:
+        a = acc.Accountant(lambda: backend)  # type: ignore[arg-type, return-value]
+        for i in range(10):
+            a.record(rec(i))
+        assert await a.drain(5)
+        assert backend.records == list(range(10)) and backend.outages == 0
+        await a.close()
+
+    run(body)
+
+
+def test_drain_gives_up_after_its_timeout_and_close_keeps_trying(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(acc, "RETRY_S", 0.01)
+    monkeypatch.setattr(acc, "RETRY_MAX_S", 0.02)
+    backend = Backend()
+    backend.outages = 10**9
+
+    async def body() -> None:
+        a = acc.Accountant(lambda: backend)  # type: ignore[arg-type, return-value]
+        a.record(rec(1))
+        assert not await a.drain(0.2)
+        assert a.queued == 1
+        backend.outages = 3  # the backend comes back while shutting down
+        await a.close(timeout_s=5)
+        assert backend.records == [1] and a.queued == 0
+
+    run(body)
+
+
+def test_a_refused_entry_is_dropped_alone() -> None:
+    backend = Backend()
+    backend.poison = {3}
+
+    async def body() -> None:
+        a = acc.Accountant(lambda: backend)  # type: ignore[arg-type, return-value]
+        backend.gate = asyncio.Event()
+        for i in range(8):
+            a.record(rec(i))
+        backend.gate.set()
+        assert await a.drain(5)
+        assert backend.records == [0, 1, 2, 4, 5, 6, 7]
+        # Later entries go in batches again.
+        backend.gate = asyncio.Event()
+        for i in range(10, 20):
+            a.record(rec(i))
+        backend.gate.set()
+        assert await a.drain(5)
+        assert backend.records[-10:] == list(range(10, 20))
+        assert len(backend.calls) <= 7 + 3, backend.calls
+        await a.close()
+
+    run(body)
+
+
+def test_a_full_queue_drops_the_oldest(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(acc, "MAX_QUEUED", 5)
+    backend = Backend()
+
+    async def body() -> None:
+        a = acc.Accountant(lambda: backend)  # type: ignore[arg-type, return-value]
+        backend.gate = asyncio.Event()
+        a.start()
+        a.record(rec(0))
+        await asyncio.sleep(0.01)  # the writer took entry 0 and waits at the gate
+        for i in range(1, 9):
+            a.record(rec(i))
+        backend.gate.set()
+        assert await a.drain(5)
+        assert backend.records == [0, 4, 5, 6, 7, 8]
+        await a.close()
+
+    run(body)
+
+
+def test_close_writes_what_is_queued() -> None:
+    backend = Backend()
+
+    async def body() -> None:
+        a = acc.Accountant(lambda: backend)  # type: ignore[arg-type, return-value]
+        for i in range(7):
+            a.record(rec(i))
+        await a.close()
+        assert backend.records == list(range(7))
+
+    run(body)
