@@ -29,6 +29,7 @@ import datetime as dt
 import importlib.metadata
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -55,7 +56,7 @@ from bench.servers import (
     redis_available,
     redis_delete_prefix,
 )
-from bench.upstream_server import MODEL, STREAM_CHUNKS, USAGE
+from bench.upstream_server import MODEL, STREAM_CHUNKS, USAGE, delay_factor
 
 Mode = Literal["json", "stream", "healthz"]
 BACKENDS = ("sqlite", "redis")
@@ -73,7 +74,8 @@ TOKENS_PER_CALL = USAGE["total_tokens"]
 BUDGET = {"max_tokens": 10**12, "rpm": 10**9}
 
 _MESSAGES = [{"role": "user", "content": "Say hello in eight tokens, then stop."}]
-JSON_BODY = orjson.dumps({"model": MODEL, "messages": _MESSAGES, "max_tokens": 16})
+JSON_REQUEST = {"model": MODEL, "messages": _MESSAGES, "max_tokens": 16}
+JSON_BODY = orjson.dumps(JSON_REQUEST)
 # include_usage is asked for by the client, so the broker passes the usage chunk through
 # instead of stripping it and both paths deliver the same events.
 STREAM_BODY = orjson.dumps(
@@ -93,6 +95,7 @@ class BrokerCell:
     warmup_s: float
     duration_s: float
     procs: int
+    upstream_delay_ms: float = 0.0
 
 
 @dataclass
@@ -102,6 +105,8 @@ class ClientResult:
 
     total: list[float] = field(default_factory=list)
     ttft: list[float] = field(default_factory=list)
+    # Latency minus the upstream's own delay for this call (json calls with a seeded delay).
+    excess: list[float] = field(default_factory=list)
     other: Counter[str] = field(default_factory=Counter)
     ok_total: int = 0
     cpu_s: float = 0.0
@@ -154,8 +159,16 @@ class StreamConn(HttpConn):
 async def _client(spec: BrokerCell, conn: StreamConn, res: ClientResult, window: tuple[float, float]) -> None:
     """One closed-loop client: the next call as soon as the previous one has fully answered."""
     start, end = window
+    delay_s = spec.upstream_delay_ms / 1000.0
+    rng = random.Random()
     try:
         while time.monotonic() < end:
+            body, upstream_s = JSON_BODY, None
+            if spec.mode == "json" and delay_s > 0:
+                # The upstream derives its delay from the seed: subtract it per call.
+                seed = rng.randrange(1_000_000)
+                body = orjson.dumps({**JSON_REQUEST, "seed": seed})
+                upstream_s = delay_s * delay_factor(body)
             t0 = time.monotonic()
             first: float | None = None
             if spec.mode == "stream":
@@ -164,7 +177,7 @@ async def _client(spec: BrokerCell, conn: StreamConn, res: ClientResult, window:
                 if status == 200 and not ok:
                     res.other[f"incomplete stream ({events} events, done={done})"] += 1
             elif spec.mode == "json":
-                status, data = await conn.request(b"POST", CHAT_PATH, JSON_BODY)
+                status, data = await conn.request(b"POST", CHAT_PATH, body)
                 ok = status == 200 and b'"usage"' in data
                 if status == 200 and not ok:
                     res.other["200 without usage"] += 1
@@ -180,6 +193,8 @@ async def _client(spec: BrokerCell, conn: StreamConn, res: ClientResult, window:
             res.ok_total += 1
             if start <= t1 <= end:
                 res.total.append(t1 - t0)
+                if upstream_s is not None:
+                    res.excess.append(t1 - t0 - upstream_s)
                 if first is not None:
                     res.ttft.append(first - t0)
     finally:
@@ -329,11 +344,12 @@ def measure(
     args: argparse.Namespace, target: str, port: int, mode: Mode, n: int, servers: dict[str, Server], pair: int
 ) -> tuple[dict[str, Any], int]:
     """Run one cell; return its summary and how many complete 200s the clients saw."""
-    spec = BrokerCell(target, port, mode, n, args.warmup, args.duration, args.procs)
+    spec = BrokerCell(target, port, mode, n, args.warmup, args.duration, args.procs, args.upstream_delay_ms)
     probe = ProcessCpu(servers)
     results, _ = run_processes(_drive, spec, probe)
     total = sorted(x for r in results for x in r.total)
     ttft = sorted(x for r in results for x in r.ttft)
+    excess = sorted(x for r in results for x in r.excess)
     other: Counter[str] = Counter()
     for r in results:
         other.update(r.other)
@@ -347,6 +363,7 @@ def measure(
         "rps": len(total) / args.duration,
         "latency_ms": percentiles(total),
         "ttft_ms": percentiles(ttft) if mode == "stream" else {},
+        "excess_ms": percentiles(excess) if excess else {},
         "other": dict(other),
         "cpu": {
             "client_cores": sum(r.cpu_s for r in results) / args.duration,
@@ -466,6 +483,10 @@ def _metric(cell: dict[str, Any], what: str, q: str) -> float | None:
 
 
 def _added(a: dict[str, Any], d: dict[str, Any], what: str, q: str) -> float | None:
+    if what == "latency_ms" and a.get("excess_ms") and d.get("excess_ms"):
+        # Seeded upstream delay: each call's latency minus its own delay, then the difference
+        # of those percentiles (a difference of raw percentiles would carry the delay's spread).
+        what = "excess_ms"
     x, y = _metric(a, what, q), _metric(d, what, q)
     return None if x is None or y is None else x - y
 
@@ -621,7 +642,9 @@ def render(res: dict[str, Any]) -> str:
             f"The upstream (bench/upstream_server.py --delay-ms {meta['upstream_delay_ms']:g}) answers each "
             "completion 0.5-1.5x that long after it arrives, as a model would, and costs no CPU while it waits; so "
             "the direct latency is about the delay, and added = agentbus - direct is agentbus's cost per call "
-            "at a request rate that real model calls would bring."
+            "at a request rate that real model calls would bring. Each non-streaming call carries an OpenAI "
+            "`seed` from which the upstream derives its delay, so the client subtracts that call's own delay "
+            "before taking percentiles: added p50/p99 = percentile(latency - delay), agentbus minus direct."
         )
     lines += ["### Notes", "", *[f"- {n}" for n in notes], ""]
     return "\n".join(lines)

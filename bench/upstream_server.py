@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import random
+import re
 import signal
 from typing import Any
 
@@ -123,6 +124,19 @@ COMPLETION_PATHS = (b"/v1/chat/completions", b"/v1/completions")
 DELAY_S = 0.0
 
 
+def delay_factor(body: bytes) -> float:
+    """0.5-1.5: from the request's OpenAI ``seed`` when it has one, so a client that chose the
+    seed knows how long this "model" took and can subtract it (bench.broker does: the added
+    latency is then measured per call, not as a difference of two noisy percentiles);
+    otherwise random."""
+    i = body.find(b'"seed":')
+    if i >= 0:
+        digits = re.match(rb"\s*(\d+)", body[i + 7 : i + 40])
+        if digits:
+            return 0.5 + (int(digits.group(1)) % 1000) / 1000.0
+    return random.uniform(0.5, 1.5)
+
+
 class UpstreamProtocol(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection: requests framed by Content-Length, answered in order."""
 
@@ -167,7 +181,7 @@ class UpstreamProtocol(asyncio.Protocol):
         if method == b"POST" and path in COMPLETION_PATHS and DELAY_S > 0:
             loop = asyncio.get_running_loop()
             # Never before this connection's previous answer: answers stay in request order.
-            self.answer_at = max(self.answer_at, loop.time() + DELAY_S * random.uniform(0.5, 1.5))
+            self.answer_at = max(self.answer_at, loop.time() + DELAY_S * delay_factor(body))
             loop.call_at(self.answer_at, self._complete, body, close)
         elif method == b"POST" and path in COMPLETION_PATHS:
             self._complete(body, close)
