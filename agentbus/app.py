@@ -58,6 +58,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Shared state bus with read-set validation, and a model broker, for teams of LLM agents.",
         lifespan=lifespan,
+        # agentbus has its own server spans and metrics (agentbus.telemetry). FastAPI's
+        # native telemetry would otherwise ask OpenTelemetry on every request whether any
+        # provider is configured (environment lookups, ~5% of a busy server's CPU), and add
+        # a second server span per request once one is.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.commit_signal = bus.CommitSignal()
