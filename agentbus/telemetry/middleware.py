@@ -31,12 +31,15 @@ class _Getter:
 _GETTER = _Getter()
 
 
+_PROPAGATED = (b"traceparent", b"tracestate", b"baggage")
+
+
 def _carrier(scope: Scope) -> dict[str, list[str]]:
+    # ASGI header names are lower-case bytes: compare them as they come.
     out: dict[str, list[str]] = {}
     for k, v in scope.get("headers") or ():
-        name = k.decode("latin-1").lower()
-        if name in ("traceparent", "tracestate", "baggage"):
-            out.setdefault(name, []).append(v.decode("latin-1"))
+        if k in _PROPAGATED:
+            out.setdefault(k.decode("latin-1"), []).append(v.decode("latin-1"))
     return out
 
 
@@ -50,22 +53,27 @@ class TracingMiddleware:
             await self.app(scope, receive, send)
             return
         method = scope.get("method", "")
-        path = scope.get("path", "")
-        parent = propagate.extract(_carrier(scope), getter=_GETTER)  # type: ignore[arg-type]
+        carrier = _carrier(scope)
+        # Without trace headers there is nothing to extract: the span starts a new trace.
+        parent = propagate.extract(carrier, getter=_GETTER) if carrier else None  # type: ignore[arg-type]
         tracer = self.telemetry.tracer
-        span = tracer.start_span(
-            method,
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes={
+        span = tracer.start_span(method, context=parent, kind=SpanKind.SERVER)
+        # Until an exporter is configured the span only carries ids (see RecordWhenExported):
+        # building its attributes would be work nobody reads.
+        recording = span.is_recording()
+        if recording:
+            attributes = {
                 "http.request.method": method,
-                "url.path": path,
+                "url.path": scope.get("path", ""),
                 "url.scheme": scope.get("scheme", "http"),
                 "network.protocol.version": scope.get("http_version", "1.1"),
-                **({"client.address": scope["client"][0]} if scope.get("client") else {}),
-                **({"user_agent.original": _header(scope, b"user-agent")} if _header(scope, b"user-agent") else {}),
-            },
-        )
+            }
+            if scope.get("client"):
+                attributes["client.address"] = scope["client"][0]
+            agent = _header(scope, b"user-agent")
+            if agent:
+                attributes["user_agent.original"] = agent
+            span.set_attributes(attributes)
         token = context.attach(trace.set_span_in_context(span, parent))
         status = 500
         t0 = time.perf_counter()
@@ -74,28 +82,36 @@ class TracingMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                span.set_attribute("http.response.status_code", status)
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         except BaseException as exc:
-            span.record_exception(exc)
-            span.set_attribute("error.type", type(exc).__name__)
-            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            if recording:
+                span.record_exception(exc)
+                span.set_attribute("error.type", type(exc).__name__)
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
             raise
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            span.update_name(f"{method} {template}")
-            span.set_attribute("http.route", template)
-            if status >= 500:
-                span.set_status(Status(StatusCode.ERROR))
-                span.set_attribute("error.type", str(status))
+            if recording:
+                span.update_name(f"{method} {template}")
+                span.set_attribute("http.route", template)
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
+                    span.set_attribute("error.type", str(status))
             span.end()
             context.detach(token)
-            m.HTTP_REQUESTS.labels(method, template, str(status)).inc()
-            m.HTTP_LATENCY.labels(method, template).observe(time.perf_counter() - t0)
+            label = method if method in _METHODS else "_OTHER"
+            m.child(m.HTTP_REQUESTS, label, template, str(status)).inc()
+            m.child(m.HTTP_LATENCY, label, template).observe(time.perf_counter() - t0)
+
+
+# Metric labels stay bounded: any other method (a client may send any token) is "_OTHER",
+# as in OpenTelemetry's HTTP conventions.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 
 
 def _header(scope: Scope, name: bytes) -> str:

@@ -86,10 +86,12 @@ class BusSpan:
         self.kind = op
         self.data: dict[str, Any] = {}
         self.started = time.time()
+        # False until an exporter is configured (RecordWhenExported): attributes are skipped.
+        self.recording = span.is_recording()
 
     def set(self, **attrs: Any) -> None:
-        for k, v in attrs.items():
-            self.span.set_attribute(k, v)
+        if self.recording:
+            self.span.set_attributes(attrs)
 
     def read(self, key: str, shard: Shard | None) -> None:
         version = shard.meta.version if shard is not None else 0
@@ -114,14 +116,15 @@ class BusSpan:
         keys = [w.key for w in req.writes]
         size = self.tel.readsets.end_epoch(self.ref, req.explicit_reads) if self.tel is not None else 0
         m.READSET_SIZE.observe(size)
-        self.set(
-            **{
-                "agentbus.keys": keys[:MAX_KEYS],
-                "agentbus.commit.writes": len(keys),
-                "agentbus.commit.explicit_reads": len(req.explicit_reads),
-                "agentbus.readset.size": size,
-            }
-        )
+        if self.recording:
+            self.set(
+                **{
+                    "agentbus.keys": keys[:MAX_KEYS],
+                    "agentbus.commit.writes": len(keys),
+                    "agentbus.commit.explicit_reads": len(req.explicit_reads),
+                    "agentbus.readset.size": size,
+                }
+            )
         self.data = {"keys": keys[:MAX_KEYS]}
         conflicts: list[dict[str, Any]] | None = None
         replayed = outcome.stored is not None
@@ -144,33 +147,37 @@ class BusSpan:
             self.kind = "conflict"
             self.data["conflicts"] = conflicts
             self._conflicts(conflicts)
-            m.COMMITS.labels("replayed" if replayed else "conflict").inc()
+            m.child(m.COMMITS, "replayed" if replayed else "conflict").inc()
             return
-        self.set(
-            **{
-                "agentbus.outcome": "committed",
-                "agentbus.commit.seq": self.data.get("seq") or 0,
-                "agentbus.commit.id": self.data.get("commit_id") or "",
-                "agentbus.commit.versions": json.dumps(self.data.get("versions") or {}, sort_keys=True),
-            }
-        )
-        m.COMMITS.labels("replayed" if replayed else "committed").inc()
+        if self.recording:
+            self.set(
+                **{
+                    "agentbus.outcome": "committed",
+                    "agentbus.commit.seq": self.data.get("seq") or 0,
+                    "agentbus.commit.id": self.data.get("commit_id") or "",
+                    "agentbus.commit.versions": json.dumps(self.data.get("versions") or {}, sort_keys=True),
+                }
+            )
+        m.child(m.COMMITS, "replayed" if replayed else "committed").inc()
 
     def _conflicts(self, conflicts: list[dict[str, Any]]) -> None:
-        self.set(
-            **{
-                "agentbus.outcome": "conflict",
-                "agentbus.conflict.keys": [c.get("key", "") for c in conflicts][:MAX_KEYS],
-                "agentbus.conflict.kinds": sorted({str(c.get("kind")) for c in conflicts}),
-                "error.type": "conflict",
-            }
-        )
+        if self.recording:
+            self.set(
+                **{
+                    "agentbus.outcome": "conflict",
+                    "agentbus.conflict.keys": [c.get("key", "") for c in conflicts][:MAX_KEYS],
+                    "agentbus.conflict.kinds": sorted({str(c.get("kind")) for c in conflicts}),
+                    "error.type": "conflict",
+                }
+            )
         for c in conflicts[:MAX_KEYS]:
-            attrs = {f"agentbus.conflict.{k}": v for k, v in c.items() if v is not None}
-            self.span.add_event("agentbus.conflict", attrs)
+            if self.recording:
+                attrs = {f"agentbus.conflict.{k}": v for k, v in c.items() if v is not None}
+                self.span.add_event("agentbus.conflict", attrs)
             if self.data.get("replayed") is None:
-                m.CONFLICTS.labels(str(c.get("kind"))).inc()
-        self.span.set_status(Status(StatusCode.ERROR, "conflict"))
+                m.child(m.CONFLICTS, str(c.get("kind"))).inc()
+        if self.recording:
+            self.span.set_status(Status(StatusCode.ERROR, "conflict"))
 
     def event(self) -> TraceEvent:
         trace_id, span_id = _ids(self.span)
@@ -192,25 +199,25 @@ def bus_span(request: Any, op: str, ref: SessionRef) -> Iterator[BusSpan]:
     """Around one store call: ``with bus_span(request, "read", ref) as sp: ...; sp.read(...)``."""
     tel = telemetry_of(request)
     tracer = tel.tracer if tel is not None else _noop
-    attrs = {
-        "agentbus.tenant": ref.tenant,
-        "agentbus.space": ref.space,
-        "agentbus.agent": ref.subject,
-        "agentbus.session": ref.session,
-        "gen_ai.agent.id": ref.subject,
-        "agentbus.operation": op,
-    }
     t0 = time.perf_counter()
-    with tracer.start_as_current_span(
-        f"agentbus.{op}", kind=SpanKind.INTERNAL, attributes=attrs, record_exception=True
-    ) as span:
+    with tracer.start_as_current_span(f"agentbus.{op}", kind=SpanKind.INTERNAL, record_exception=True) as span:
         bs = BusSpan(tel, span, op, ref)
+        bs.set(
+            **{
+                "agentbus.tenant": ref.tenant,
+                "agentbus.space": ref.space,
+                "agentbus.agent": ref.subject,
+                "agentbus.session": ref.session,
+                "gen_ai.agent.id": ref.subject,
+                "agentbus.operation": op,
+            }
+        )
         try:
             yield bs
         finally:
-            m.STORE_LATENCY.labels(op).observe(time.perf_counter() - t0)
+            m.child(m.STORE_LATENCY, op).observe(time.perf_counter() - t0)
     if op != "commit":
-        m.BUS_OPS.labels(op).inc()
+        m.child(m.BUS_OPS, op).inc()
     if tel is not None and bs.data:
         tel.emit(bs.event())
 
