@@ -25,8 +25,9 @@ from agentbus.core import validation as v
 from agentbus.core.errors import AgentbusError, BackendUnavailable, BadRequest, ReadSetExpired
 from agentbus.core.model import RangeRead, SessionRef, WriteOp
 from agentbus.settings import Settings
-from agentbus.store.base import CommitOutcome, CommitRequest, Store, outcome_body
+from agentbus.store.base import CommitOutcome, CommitRequest, Store, TraceEvent, outcome_body
 from agentbus.store.redis import RedisStore, _lex_bounds
+from agentbus.store.redis_traces import RedisTraceStore
 
 pytestmark = pytest.mark.redis
 
@@ -1182,6 +1183,20 @@ def test_redis_cluster_keeps_each_space_in_one_slot(redis_cluster_url: str) -> N
             await _scenario(s, 7, steps, clock)
             assert any(isinstance(x[1], tuple) and x[1][0] == "conflict" for x in steps)
             await _token_and_audit_answers(s, "tn")
+            # Timeline events of all six spaces (several nodes) in one append: one script
+            # call per space's stream, each in its own slot.
+            traces = RedisTraceStore(s, retention_s=3600, max_per_space=100)
+            now = time.time()
+            await traces.append(
+                [
+                    TraceEvent(T, f"space-{i}", now, "alice", "s", "commit", "", "", {"n": n})
+                    for n in range(3)
+                    for i in range(6)
+                ]
+            )
+            for i in range(6):
+                got = await traces.events(T, f"space-{i}", None, 10)
+                assert [e.data["n"] for e in got] == [0, 1, 2]
             await s.reset(T)
             assert await s.list_spaces(T) == []
         finally:

@@ -268,6 +268,7 @@ class RedisStore(Store):
         self._token_put = _Script("token_put")
         self._token_revoke = _Script("token_revoke")
         self._audit_add = _Script("audit_add")
+        self._trace_append = _Script("trace_append")
         self._retention_ms = str(max(1, int(settings.readset_retention_s * 1000)))
         self._idem_ttl_ms = str(max(1, int(settings.idempotency_ttl_s * 1000)))
         self._max_entries = str(settings.readset_max_entries)

@@ -7,9 +7,9 @@ ms) and sets the key's TTL to ``retention_s``, so an idle space's timeline expir
 itself; :meth:`prune` trims streams indexed in ``{prefix}:trace-streams`` (a zset of stream
 keys scored by last write), which also drops index entries of expired streams.
 
-Appends touch many slots (one stream per space) in one non-transactional pipeline; that is
-fine on Redis Cluster (redis-py splits it by node) and needs no atomicity: each XADD stands
-alone.
+Appends touch many slots (one stream per space) in one non-transactional pipeline of one
+script call per stream (``lua/trace_append.lua``: its XADDs, trims and TTL); that is fine on
+Redis Cluster (redis-py splits it by node) and needs no atomicity: each stream stands alone.
 """
 
 from __future__ import annotations
@@ -50,18 +50,15 @@ class RedisTraceStore(TraceStore):
         now = self.redis.now()
         min_id = f"{max(0, int((now - self.retention_s) * 1000))}-0"
         ttl = max(1, int(self.retention_s + 0.999))
+        # One script call per stream (its XADDs, trims and TTL), one ZADD for the index: the
+        # events of a batch cost the Python side a handful of commands, not one each.
+        commands: list[tuple[Any, ...]] = [
+            self.redis._trace_append.args([key], [self.max_per_space, min_id, ttl, *(_dump(e) for e in evs)])
+            for key, evs in by_key.items()
+        ]
+        commands.append(("ZADD", self._index, *(x for key in by_key for x in (now, key))))
         async with self.redis._guard():
-            pipe = self.redis.client.pipeline(transaction=False)
-            for key, evs in by_key.items():
-                # Approximate trimming ("~"): Redis drops whole stream nodes, which is far
-                # cheaper than exact trimming on every XADD; Redis shares the cores with the
-                # commits these events describe. The bound is kept to within one node.
-                for e in evs:
-                    pipe.xadd(key, {"e": _dump(e)}, maxlen=self.max_per_space, approximate=True)
-                pipe.xtrim(key, minid=min_id, approximate=True)
-                pipe.expire(key, ttl)
-            pipe.zadd(self._index, {key: now for key in by_key})
-            await pipe.execute()
+            await self.redis._pipeline(commands)
 
     async def events(self, tenant: str, space: str, after: str | None, limit: int) -> list[TraceEvent]:
         start = "-"
