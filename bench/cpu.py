@@ -79,7 +79,13 @@ async def app_loop(url: str, n: int) -> None:
             async def healthz() -> None:
                 await c.get("/healthz")
 
-            for name, op in (("GET /healthz", healthz), ("POST commit", commit)):
+            async def conflict() -> None:
+                # A stale expected_version: what most requests are under high contention.
+                body = {"writes": [{"key": "k", "value": {"x": 1}, "expected_version": 0}]}
+                r = await c.post(f"/v1/spaces/{sp}/commit", json=body, headers={"X-Agent-Id": "a"})
+                assert r.status_code == 409, r.text
+
+            for name, op in (("GET /healthz", healthz), ("POST commit", commit), ("POST commit 409", conflict)):
                 for _ in range(100):
                     await op()
                 t = time.process_time()
