@@ -30,8 +30,40 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x"
 
 
+def _key(c: Cell) -> tuple[str, str, str, str, int]:
+    return (c["backend"], c["system"], c["mode"], c["contention"], c["concurrency"])
+
+
+def merge_repeats(cells: list[Cell]) -> list[Cell]:
+    """One cell per (backend, system, mode, contention, agents): with ``--repeat`` runs, the
+    run with the median throughput (so its latencies and 409 share are one run's, not a
+    mix), plus ``runs``: every run's commits/s in run order, for the paired ratios."""
+    groups: dict[tuple[str, str, str, str, int], list[Cell]] = defaultdict(list)
+    for c in cells:
+        groups[_key(c)].append(c)
+    out: list[Cell] = []
+    for group in groups.values():
+        ordered = sorted(group, key=lambda c: c.get("rep", 0))
+        median = dict(sorted(group, key=lambda c: c["commits_per_s"])[(len(group) - 1) // 2])
+        median["runs"] = [c["commits_per_s"] for c in ordered]
+        out.append(median)
+    return out
+
+
+def paired_ratios(a: Cell | None, b: Cell | None) -> list[float]:
+    """agentbus ÷ baseline run by run (run i of both came from the same pass over the group)."""
+    if a is None or b is None:
+        return []
+    ra, rb = a.get("runs") or [a["commits_per_s"]], b.get("runs") or [b["commits_per_s"]]
+    return sorted(x / y for x, y in zip(ra, rb, strict=False) if y)
+
+
+def _median(xs: list[float]) -> float | None:
+    return xs[(len(xs) - 1) // 2] if xs else None
+
+
 def _index(cells: list[Cell]) -> dict[tuple[str, str, str, str, int], Cell]:
-    return {(c["backend"], c["system"], c["mode"], c["contention"], c["concurrency"]): c for c in cells}
+    return {_key(c): c for c in merge_repeats(cells)}
 
 
 def _lat(cell: Cell | None, which: str, p: str) -> float | None:
@@ -78,9 +110,10 @@ def comparison_tables(res: dict[str, Any]) -> list[str]:
                     b = idx.get((backend, baseline, "ev", contention, n))
                     row += f" {_f(_tput(b), 0)} | {_f(_lat(b, 'commit', 'p50'), 2)} | "
                     row += f"{_f(_lat(b, 'commit', 'p99'), 2)} | {_conf(b)} | "
-                    row += (
-                        f"{_ratio(_tput(a), _tput(b))} | {_ratio(_lat(a, 'commit', 'p99'), _lat(b, 'commit', 'p99'))} |"
-                    )
+                    paired = paired_ratios(a, b)
+                    spread = f" ({paired[0]:.2f}-{paired[-1]:.2f})" if len(paired) > 1 else ""
+                    ratio = f"{_median(paired):.2f}x{spread}" if paired else "n/a"
+                    row += f"{ratio} | {_ratio(_lat(a, 'commit', 'p99'), _lat(b, 'commit', 'p99'))} |"
                 out.append(row)
             out.append("")
     if out:
@@ -88,7 +121,9 @@ def comparison_tables(res: dict[str, Any]) -> list[str]:
             0,
             "Throughput = applied (200) commits per second. p50/p99 = latency of one commit request "
             "(200 or 409). 409 = share of commit requests rejected (each is retried). Ratios are "
-            "agentbus ÷ baseline: a throughput ratio ≥ 1.00x and a p99 ratio ≤ 1.00x favour agentbus.\n",
+            "agentbus ÷ baseline: a throughput ratio ≥ 1.00x and a p99 ratio ≤ 1.00x favour agentbus. "
+            "With several runs per cell (`repeat` above) a system's columns are its median run, and the "
+            "throughput ratio is the median of the run-by-run ratios (lowest-highest in brackets).\n",
         )
     return out
 
@@ -146,7 +181,7 @@ def targets_section(res: dict[str, Any]) -> list[str]:
     r = idx.get(("redis", "agentbus", "ev", "low", 32))
     uncontended = [
         c
-        for c in res["cells"]
+        for c in idx.values()
         if (c["backend"], c["system"], c["mode"], c["contention"]) == ("redis", "agentbus", "ev", "low")
     ]
     best = max(uncontended, key=lambda c: c["commits_per_s"], default=None)
@@ -167,20 +202,20 @@ def targets_section(res: dict[str, Any]) -> list[str]:
     for backend, base in (("postgres", "pg-serializable"), ("redis", "redis-watch")):
         pairs = [
             (c, idx.get((backend, base, "ev", c["contention"], c["concurrency"])))
-            for c in res["cells"]
+            for c in idx.values()
             if c["backend"] == backend and c["system"] == "agentbus" and c["mode"] == "ev"
         ]
-        pairs = [(a, b) for a, b in pairs if b is not None]
-        if not pairs:
+        ratios = [(a, _median(paired_ratios(a, b))) for a, b in pairs if b is not None]
+        ratios = [(a, r) for a, r in ratios if r is not None]
+        if not ratios:
             lines.append(f"| agentbus ≥ {base} on {backend} | n/a | n/a | not measured |")
             continue
-        wins = sum(1 for a, b in pairs if a["commits_per_s"] >= b["commits_per_s"])
-        worst = min(pairs, key=lambda ab: ab[0]["commits_per_s"] / max(ab[1]["commits_per_s"], 1e-9))
-        ratio = worst[0]["commits_per_s"] / max(worst[1]["commits_per_s"], 1e-9)
+        wins = sum(1 for _, r in ratios if r >= 1.0)
+        worst, ratio = min(ratios, key=lambda ar: ar[1])
         lines.append(
-            f"| agentbus ≥ {base} on {backend} (throughput) | {wins}/{len(pairs)} cells | "
-            f"worst {ratio:.2f}x ({worst[0]['contention']}, {worst[0]['concurrency']} agents) | "
-            f"{verdict(wins == len(pairs))} |"
+            f"| agentbus ≥ {base} on {backend} (throughput) | {wins}/{len(ratios)} cells | "
+            f"worst {ratio:.2f}x ({worst['contention']}, {worst['concurrency']} agents) | "
+            f"{verdict(wins == len(ratios))} |"
         )
     return lines
 
@@ -249,7 +284,7 @@ def cpu_section(res: dict[str, Any]) -> list[str]:
         "| backend | system | mode | contention | agents | commits/s | client cores | server cores | machine busy |",
         "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    for c in res["cells"]:
+    for c in merge_repeats(res["cells"]):  # the median run's CPU
         cpu = c["cpu"]
         lines.append(
             f"| {c['backend']} | {c['system']} | {c['mode']} | {c['contention']} | {c['concurrency']} | "
@@ -281,7 +316,8 @@ def render(res: dict[str, Any], plot_name: str | None) -> str:
         + ", ".join(f"{k} {v[k]}" for k in ("fastapi", "uvicorn", "sqlalchemy", "asyncpg", "redis-py", "uvloop"))
         + f"; PostgreSQL {v['postgres']}, Redis {v['redis']}",
         f"- settings: {meta['workers']} uvicorn workers per server, {meta['duration_s']} s measured after "
-        f"{meta['warmup_s']} s warm-up per cell, {meta['procs']} client processes, "
+        f"{meta['warmup_s']} s warm-up per cell, each cell run {meta.get('repeat', 1)} time(s) "
+        f"(systems in alternating order), {meta['procs']} client processes, "
         f"{meta['hot_keys']} hot keys under high contention; agentbus default settings "
         "(SQLite `synchronous=FULL`, pool size 10)",
         "",
@@ -359,7 +395,7 @@ def plot(res: dict[str, Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    cells = [c for c in res["cells"] if c["mode"] != "ping"]
+    cells = [c for c in merge_repeats(res["cells"]) if c["mode"] != "ping"]
     backends = [b for b in res["meta"]["backends"] if any(c["backend"] == b for c in cells)]
     if not backends:
         return False

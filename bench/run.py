@@ -2,7 +2,7 @@
 
 Usage (from the repository root; see bench/README.md):
 
-    .venv/bin/python -m bench.run                  # full run (< 15 min), writes RESULTS.md
+    .venv/bin/python -m bench.run                  # full run (~16 min), writes RESULTS.md
     .venv/bin/python -m bench.run --quick          # < 3 min smoke, results in /tmp
     .venv/bin/python -m bench.run --check          # correctness self-check only
     .venv/bin/python -m bench.run --report bench/results/X.json   # re-render RESULTS.md
@@ -255,7 +255,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma list of sqlite,postgres,redis")
     p.add_argument("--concurrency", default=None, help="comma list of agent counts (default 1,8,32,128)")
-    p.add_argument("--duration", type=float, default=None, help="measured seconds per cell (default 5)")
+    p.add_argument("--duration", type=float, default=None, help="measured seconds per cell (default 3)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="runs of every cell, the systems' order reversed each time; the report takes the median (default 3)",
+    )
     p.add_argument("--warmup", type=float, default=None, help="unmeasured seconds before each cell (default 1)")
     p.add_argument("--workers", type=int, default=2, help="uvicorn workers per server, same for all (default 2)")
     p.add_argument("--procs", type=int, default=2, help="load-generator processes (default 2)")
@@ -282,7 +288,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = args.quick
     args.concurrency = args.concurrency or ("8,32" if quick else "1,8,32,128")
-    args.duration = args.duration if args.duration is not None else (1.0 if quick else 5.0)
+    args.duration = args.duration if args.duration is not None else (1.0 if quick else 3.0)
+    args.repeat = args.repeat if args.repeat is not None else (1 if quick else 3)
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     args.warmup = args.warmup if args.warmup is not None else (0.5 if quick else 1.0)
     args.check_seconds = args.check_seconds if args.check_seconds is not None else (1.0 if quick else 3.0)
     args.scaling_workers = [int(x) for x in args.scaling_workers.split(",") if x]
@@ -335,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             "backends": backends,
             "concurrency": concurrency,
             "duration_s": args.duration,
+            "repeat": args.repeat,
             "warmup_s": args.warmup,
             "workers": args.workers,
             "procs": args.procs,
@@ -410,14 +420,19 @@ def main(argv: list[str] | None = None) -> int:
                         meta["cell_errors"].append(f"calibration cell failed: {exc}")
                 for contention in contentions:
                     for n in concurrency:
-                        for t in live:
-                            for mode in t.modes:
-                                try:
-                                    res["cells"].append(one_cell(args, t, mode, contention, n))
-                                except Exception as exc:  # one broken cell must not lose the run
-                                    msg = f"{t.label} {mode} {contention} {n} agents failed: {exc}"
-                                    meta["cell_errors"].append(msg)
-                                    print(f"  {msg}\n{t.server.log_tail()}", flush=True)
+                        # Each run of a cell group in the other order (A B, B A, A B, ...): a
+                        # drift of the machine within the group hits both systems alike.
+                        for rep in range(args.repeat):
+                            for t in live if rep % 2 == 0 else live[::-1]:
+                                for mode in t.modes:
+                                    try:
+                                        cell = one_cell(args, t, mode, contention, n)
+                                        cell["rep"] = rep
+                                        res["cells"].append(cell)
+                                    except Exception as exc:  # one broken cell must not lose the run
+                                        msg = f"{t.label} {mode} {contention} {n} agents failed: {exc}"
+                                        meta["cell_errors"].append(msg)
+                                        print(f"  {msg}\n{t.server.log_tail()}", flush=True)
                 main = next((t for t in live if t.system == "agentbus"), None)
                 if main is not None and args.scaling_workers:
                     res["scaling_cells"] += worker_scaling(args, main, log_dir, meta)
