@@ -13,6 +13,7 @@ visibility order (SSE resume relies on it) and no process-local lock is part of 
 
 from __future__ import annotations
 
+import abc
 import json
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -143,6 +144,11 @@ class SQLStore(Store):
             if exc.connection_invalidated or _is_transient(exc):
                 raise BackendUnavailable(_describe(exc)) from exc
             raise
+
+    @abc.abstractmethod
+    async def append_trace_rows(self, rows: list[tuple[Any, ...]]) -> None:
+        """Timeline rows (``sql_traces.COLUMNS`` order) in one transaction, by each dialect's
+        bulk path (COPY on PostgreSQL, the writer thread on SQLite)."""
 
     async def ping(self) -> None:
         async with self._tx(write=False) as conn:

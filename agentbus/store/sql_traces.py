@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, select
 
 from agentbus.core.errors import ValidationFailed
 from agentbus.store.base import TraceEvent, TraceStore
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 # Rows per INSERT statement (SQLite binds at most 32766 parameters; 10 columns per row).
 INSERT_BATCH = 500
+# The columns of a row handed to SQLStore.append_trace_rows, in order (id is generated).
+COLUMNS = ("tenant", "space", "ts", "agent", "session", "kind", "trace_id", "span_id", "data")
 
 
 class SQLTraceStore(TraceStore):
@@ -32,22 +34,10 @@ class SQLTraceStore(TraceStore):
         if not events:
             return
         rows = [
-            {
-                "tenant": e.tenant,
-                "space": e.space,
-                "ts": e.ts,
-                "agent": e.agent,
-                "session": e.session,
-                "kind": e.kind,
-                "trace_id": e.trace_id,
-                "span_id": e.span_id,
-                "data": orjson.dumps(e.data).decode(),
-            }
+            (e.tenant, e.space, e.ts, e.agent, e.session, e.kind, e.trace_id, e.span_id, orjson.dumps(e.data).decode())
             for e in events
         ]
-        async with self.sql._tx() as conn:
-            for i in range(0, len(rows), INSERT_BATCH):
-                await conn.execute(insert(te), rows[i : i + INSERT_BATCH])
+        await self.sql.append_trace_rows(rows)
 
     async def events(self, tenant: str, space: str, after: str | None, limit: int) -> list[TraceEvent]:
         q = select(te).where(te.c.tenant == tenant, te.c.space == space).order_by(te.c.id).limit(limit)
