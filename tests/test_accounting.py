@@ -201,3 +201,17 @@ def test_close_writes_what_is_queued() -> None:
         assert backend.records == list(range(7))
 
     run(body)
+
+
+def test_an_entry_after_close_is_reported_not_left_behind() -> None:
+    backend = Backend()
+
+    async def body() -> None:
+        a = acc.Accountant(lambda: backend)  # type: ignore[arg-type, return-value]
+        a.record(rec(1))
+        await a.close()
+        a.record(rec(2))  # e.g. a stream that finished past shutdown
+        assert a.queued == 0 and a._task is None
+        assert backend.records == [1]
+
+    run(body)

@@ -81,6 +81,11 @@ class Accountant:
             self._done = max(self._done, seq)
             m.ACCOUNTING.labels("dropped").inc()
             log.error("accounting queue full (backend unavailable for long?): dropped %r", lost)
+        if self._closing and self._task is None:
+            # After close() (a call finishing past shutdown): nothing will write it.
+            m.ACCOUNTING.labels("dropped").inc()
+            log.error("accounting entry after shutdown, not stored: %r", entry)
+            return
         self._seq += 1
         self._queue.append((self._seq, entry))
         self._wake.set()
