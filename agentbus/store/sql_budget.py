@@ -145,13 +145,7 @@ class SQLBudgetStore(BudgetStore):
     async def charge(self, scopes: dict[str, Limits], actual: Amount, now: float, *, release: bool = False) -> None:
         if not scopes:
             raise ValueError("charge needs at least one scope")
-        async with self.sql._tx() as conn:
-            stored = await self._lock_counters(conn, scopes)
-            charged = [
-                (key, lim.window_s, b.charge(b.roll(stored[key], lim, now), actual, release=release))
-                for key, lim in sorted(scopes.items())
-            ]
-            await self._store_counters(conn, charged)
+        await self.account([b.Charge(scopes, actual, now, release)], [])
 
     atomic_batches = True
 

@@ -19,8 +19,6 @@ from agentbus.store.schema import trace_events as te
 if TYPE_CHECKING:
     from agentbus.store.sql import SQLStore
 
-# Rows per INSERT statement (SQLite binds at most 32766 parameters; 10 columns per row).
-INSERT_BATCH = 500
 # The columns of a row handed to SQLStore.append_trace_rows, in order (id is generated).
 COLUMNS = ("tenant", "space", "ts", "agent", "session", "kind", "trace_id", "span_id", "data")
 

@@ -55,11 +55,6 @@ class SQLiteBudgetStore(SQLBudgetStore):
     async def settle(self, reservation: Reservation, actual: Amount, now: float, *, release: bool = False) -> bool:
         return await self.sql._run(_settle, reservation.id, actual, now, release)
 
-    async def charge(self, scopes: dict[str, Limits], actual: Amount, now: float, *, release: bool = False) -> None:
-        if not scopes:
-            raise ValueError("charge needs at least one scope")
-        await self.sql._run(_charge, scopes, actual, now, release)
-
     async def record_usage(self, rec: UsageRecord) -> None:
         await self.sql._run(_add_usage, rec)
 
@@ -68,12 +63,17 @@ class SQLiteBudgetStore(SQLBudgetStore):
             await self.sql._run(_account, charges, records)
 
 
-def _locked(conn: sqlite3.Connection, key: str, limits: Limits, now: float) -> Counter:
-    """The scope's counter, created if missing, rolled to ``now`` (the transaction holds the
-    write lock, so it stays ours until the commit)."""
+def _stored(conn: sqlite3.Connection, key: str, limits: Limits) -> Counter:
+    """The scope's counter as stored, created if missing (the transaction holds the write
+    lock, so it stays ours until the commit)."""
     zero = tuple(getattr(Counter(), f) for f in _FIELDS)
     row = conn.execute(LOCK_COUNTER, (key, limits.window_s, *zero)).fetchone()
-    return b.roll(Counter(**dict(zip(_FIELDS, row, strict=True))), limits, now)
+    return Counter(**dict(zip(_FIELDS, row, strict=True)))
+
+
+def _locked(conn: sqlite3.Connection, key: str, limits: Limits, now: float) -> Counter:
+    """The scope's counter, created if missing, rolled to ``now``."""
+    return b.roll(_stored(conn, key, limits), limits, now)
 
 
 def _store(conn: sqlite3.Connection, rows: list[tuple[str, float, Counter]]) -> None:
@@ -101,16 +101,6 @@ def _reserve(
     return res
 
 
-def _charge(conn: sqlite3.Connection, scopes: dict[str, Limits], actual: Amount, now: float, release: bool) -> None:
-    _store(
-        conn,
-        [
-            (key, lim.window_s, b.charge(_locked(conn, key, lim, now), actual, release=release))
-            for key, lim in sorted(scopes.items())
-        ],
-    )
-
-
 def _settle(conn: sqlite3.Connection, reservation_id: str, actual: Amount, now: float, release: bool) -> bool:
     row = conn.execute(TAKE_RESERVATION, (reservation_id,)).fetchone()
     if row is None:
@@ -136,11 +126,7 @@ def _add_usage(conn: sqlite3.Connection, rec: UsageRecord) -> None:
 def _account(conn: sqlite3.Connection, charges: Sequence[b.Charge], records: Sequence[UsageRecord]) -> None:
     if charges:
         scopes = {key: lim for c in charges for key, lim in c.scopes.items()}
-        zero = tuple(getattr(Counter(), f) for f in _FIELDS)
-        stored: dict[str, Counter] = {}
-        for key, lim in sorted(scopes.items()):
-            row = conn.execute(LOCK_COUNTER, (key, lim.window_s, *zero)).fetchone()
-            stored[key] = Counter(**dict(zip(_FIELDS, row, strict=True)))
+        stored = {key: _stored(conn, key, lim) for key, lim in sorted(scopes.items())}
         _store(conn, [(key, w, c) for key, (w, c) in sorted(b.apply_charges(stored, charges).items())])
     if records:
         conn.executemany(ADD_USAGE, [tuple(getattr(r, f) for f in _USAGE_FIELDS) for r in records])
