@@ -37,25 +37,25 @@ def _key(c: Cell) -> tuple[str, str, str, str, int]:
 def merge_repeats(cells: list[Cell]) -> list[Cell]:
     """One cell per (backend, system, mode, contention, agents): with ``--repeat`` runs, the
     run with the median throughput (so its latencies and 409 share are one run's, not a
-    mix), plus ``runs``: every run's commits/s in run order, for the paired ratios."""
+    mix), plus ``runs``: every run's commits/s by run number, for the paired ratios."""
     groups: dict[tuple[str, str, str, str, int], list[Cell]] = defaultdict(list)
     for c in cells:
         groups[_key(c)].append(c)
     out: list[Cell] = []
     for group in groups.values():
-        ordered = sorted(group, key=lambda c: c.get("rep", 0))
         median = dict(sorted(group, key=lambda c: c["commits_per_s"])[(len(group) - 1) // 2])
-        median["runs"] = [c["commits_per_s"] for c in ordered]
+        median["runs"] = {c.get("rep", 0): c["commits_per_s"] for c in group}
         out.append(median)
     return out
 
 
 def paired_ratios(a: Cell | None, b: Cell | None) -> list[float]:
-    """agentbus ÷ baseline run by run (run i of both came from the same pass over the group)."""
+    """agentbus ÷ baseline run by run (run i of both came from the same pass over the group;
+    a run one side lost to a failed cell pairs with nothing)."""
     if a is None or b is None:
         return []
-    ra, rb = a.get("runs") or [a["commits_per_s"]], b.get("runs") or [b["commits_per_s"]]
-    return sorted(x / y for x, y in zip(ra, rb, strict=False) if y)
+    ra, rb = a.get("runs") or {0: a["commits_per_s"]}, b.get("runs") or {0: b["commits_per_s"]}
+    return sorted(ra[r] / rb[r] for r in ra if rb.get(r))
 
 
 def _median(xs: list[float]) -> float | None:
