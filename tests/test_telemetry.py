@@ -595,6 +595,21 @@ def test_usage_and_trace_scopes_with_tokens(tmp_path: Path, upstream: FakeUpstre
     asyncio.run(go())
 
 
+def test_unknown_http_methods_share_one_metric_label(tmp_path: Path) -> None:
+    """A client may send any method token; the metric labels must stay bounded."""
+
+    async def go() -> None:
+        async with running(tmp_path) as a:
+            for method in ("FOO", "BAR-BAZ"):
+                r = await a.client.request(method, "/v1/spaces/sp/shards/k", headers={"X-Agent-Id": "x"})
+                assert r.status_code == 405
+            text = (await a.client.get("/metrics")).text
+            assert 'method="_OTHER"' in text
+            assert 'method="FOO"' not in text and 'method="BAR-BAZ"' not in text
+
+    asyncio.run(go())
+
+
 def test_metrics_after_traffic(tmp_path: Path, upstream: FakeUpstream) -> None:
     async def go() -> None:
         async with running(tmp_path, broker_config=broker_yaml(tmp_path, upstream)) as a:
