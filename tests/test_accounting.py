@@ -96,6 +96,47 @@ def test_a_burst_shares_its_writes_and_keeps_its_order() -> None:
     run(body)
 
 
+def test_a_trickle_shares_one_write_and_drain_does_not_wait_out_the_linger(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One client calling in a loop: entries arrive one by one with the writer idle. They
+    # wait for company (the linger) and go in one write; a reader's drain ends the wait.
+    monkeypatch.setattr(acc, "LINGER_S", 60.0)
+    backend = Backend()
+
+    async def body() -> None:
+        a = acc.Accountant(lambda: backend)  # type: ignore[arg-type, return-value]
+        a.start()
+        for i in range(5):
+            a.record(rec(i))
+            await asyncio.sleep(0.01)
+        assert backend.calls == []
+        assert await a.drain(5)
+        assert backend.calls == [(0, 5)]
+        await a.close()
+
+    run(body)
+
+
+def test_a_full_batch_is_written_without_lingering(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(acc, "LINGER_S", 60.0)
+    monkeypatch.setattr(acc, "MAX_BATCH", 4)
+    backend = Backend()
+
+    async def body() -> None:
+        a = acc.Accountant(lambda: backend)  # type: ignore[arg-type, return-value]
+        a.start()
+        for i in range(4):
+            a.record(rec(i))
+            await asyncio.sleep(0)
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if backend.calls:
+                break
+        assert backend.calls == [(0, 4)]
+        await a.close()
+
+    run(body)
+
+
 def test_non_atomic_backend_gets_one_entry_per_call() -> None:
     backend = Backend(atomic=False)
 
@@ -172,6 +213,7 @@ def test_a_refused_entry_is_dropped_alone() -> None:
 
 def test_a_full_queue_drops_the_oldest(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(acc, "MAX_QUEUED", 5)
+    monkeypatch.setattr(acc, "LINGER_S", 0.0)  # the writer takes entry 0 at once
     backend = Backend()
 
     async def body() -> None:

@@ -5,11 +5,14 @@ Why: on the embedded default each was a write transaction awaited (the count) or
 before its answer went out, and under load the writes queued one by one. Here a call only
 appends to a queue; one task per process writes everything queued so far in one
 :meth:`~agentbus.store.base.BudgetStore.account` call (one transaction on SQL), so the
-answer does not wait and a burst of calls shares its writes.
+answer does not wait and a burst of calls shares its writes. On a backend that writes a
+batch atomically the task also waits up to :data:`LINGER_S` for company before it writes, so
+a steady trickle of calls (one client calling in a loop) shares one transaction too, instead
+of paying one fsync per call in the background.
 
 What this costs and how it is bounded:
 
-- A count lags its call by one write (milliseconds). Nothing is admitted on it: callers with
+- A count lags its call by up to :data:`LINGER_S` and one write. Nothing is admitted on it: callers with
   limits still reserve and settle on the call's path. ``GET /v1/budget`` and ``/v1/usage``
   first :meth:`drain` this process's queue, so a caller reads its own calls; another worker
   process may show them a write later.
@@ -43,6 +46,9 @@ log = logging.getLogger("agentbus.broker")
 MAX_QUEUED = 100_000
 # Entries per backend call: one transaction stays short however long the queue is.
 MAX_BATCH = 500
+# On an atomic-batch backend, the writer waits this long after the first entry of a batch for
+# more, unless the batch is already full or someone waits for it (drain, close).
+LINGER_S = 0.05
 # A batch the backend refused is retried after this many seconds, doubling up to RETRY_MAX_S.
 RETRY_S = 0.05
 RETRY_MAX_S = 2.0
@@ -60,6 +66,7 @@ class Accountant:
         self._done = 0  # every entry up to this one is written (or dropped)
         self._isolate_to = 0  # entries up to this one are written one at a time
         self._wake = asyncio.Event()
+        self._flush = asyncio.Event()  # cut the linger short: a reader or close() waits
         self._written = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -89,6 +96,8 @@ class Accountant:
         self._seq += 1
         self._queue.append((self._seq, entry))
         self._wake.set()
+        if len(self._queue) >= MAX_BATCH:
+            self._flush.set()
         if self._task is None:
             # Not started (e.g. a broker used without its lifespan): write it now.
             self.start()
@@ -102,6 +111,7 @@ class Accountant:
         target = self._seq
         if self._done >= target:
             return True
+        self._flush.set()
         async with self._written:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._written.wait_for(lambda: self._done >= target), timeout_s)
@@ -116,6 +126,8 @@ class Accountant:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            await self._linger()
+            self._flush.clear()
             if await self._write_batch():
                 delay = RETRY_S
             else:
@@ -123,6 +135,15 @@ class Accountant:
                     return
                 await asyncio.sleep(delay)
                 delay = min(RETRY_MAX_S, delay * 2)
+
+    async def _linger(self) -> None:
+        if self._flush.is_set() or self._closing or len(self._queue) >= MAX_BATCH:
+            return
+        if not self._budgets().atomic_batches:
+            return  # entries go one at a time anyway: waiting would share nothing
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LINGER_S):
+                await self._flush.wait()
 
     async def _write_batch(self) -> bool:
         budgets = self._budgets()
@@ -160,6 +181,7 @@ class Accountant:
         task, self._task = self._task, None
         self._closing = True
         self._wake.set()
+        self._flush.set()
         if task is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
