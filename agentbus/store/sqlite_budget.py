@@ -50,7 +50,8 @@ class SQLiteBudgetStore(SQLBudgetStore):
     ) -> Reservation | Denial:
         if not scopes:
             raise ValueError("reserve needs at least one scope")
-        return await self.sql._run(_reserve, scopes, amount, now, ttl_s)
+        # Not fsync'd on its own: see SQLiteStore._run. The settle that ends the call is.
+        return await self.sql._run(_reserve, scopes, amount, now, ttl_s, durable=False)
 
     async def settle(self, reservation: Reservation, actual: Amount, now: float, *, release: bool = False) -> bool:
         return await self.sql._run(_settle, reservation.id, actual, now, release)
