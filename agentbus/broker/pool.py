@@ -16,9 +16,10 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import httpx2
+import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from agentbus.broker import http
 from agentbus.broker.config import BrokerConfig, Endpoint, Policy
 
 log = logging.getLogger("agentbus.broker")
@@ -164,18 +165,20 @@ class EndpointPool:
         return sorted(cands, key=lambda c: (self.score(c, use_metrics=use_metrics), jitter[id(c)]))
 
     # ------------------------------------------------------------------ scraping
-    async def scrape_forever(self, client: httpx2.AsyncClient) -> None:
+    async def scrape_forever(self, client: aiohttp.ClientSession) -> None:
         while True:
             await asyncio.gather(*(self.scrape(client, st) for st in list(self.states.values())))
             await asyncio.sleep(self.config.metrics_interval_s)
 
-    async def scrape(self, client: httpx2.AsyncClient, st: EndpointState) -> None:
+    async def scrape(self, client: aiohttp.ClientSession, st: EndpointState) -> None:
         try:
-            r = await client.get(st.endpoint.metrics, timeout=max(0.5, self.config.metrics_interval_s))
-            if r.status_code != 200:
-                return
-            st.load = parse_vllm_metrics(r.text)
-        except (httpx2.HTTPError, ValueError) as exc:
+            timeout = http.total_timeout(max(0.5, self.config.metrics_interval_s))
+            async with client.get(st.endpoint.metrics, timeout=timeout) as r:
+                text = await r.text()
+                if r.status != 200:
+                    return
+            st.load = parse_vllm_metrics(text)
+        except (TimeoutError, ValueError, *http.NETWORK_ERRORS) as exc:
             log.debug("metrics scrape of %s failed: %s", st.endpoint.name, exc)
 
 

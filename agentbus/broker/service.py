@@ -21,14 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
-import httpx2
 import orjson
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from agentbus.auth.principal import Principal
 from agentbus.broker import budget as b
+from agentbus.broker import http
 from agentbus.broker.accounting import Accountant
 from agentbus.broker.config import BrokerConfig, BrokerConfigError, load_env, load_text
 from agentbus.broker.pool import EndpointPool, EndpointState
@@ -128,7 +129,7 @@ class Broker:
         self.store = store
         self.config = BrokerConfig()
         self.pool = EndpointPool(self.config)
-        self.client: httpx2.AsyncClient | None = None
+        self.client: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._digest: str | None = None
         self.accounting = Accountant(lambda: self.store.budgets)
@@ -143,9 +144,7 @@ class Broker:
         self.accounting.start()
         self.config = self._load()
         self.pool = EndpointPool(self.config)
-        self.client = httpx2.AsyncClient(
-            timeout=None, limits=httpx2.Limits(max_connections=1000, max_keepalive_connections=200)
-        )
+        self.client = http.new_session()
         if self.configured or self.settings.broker_config:
             self._tasks = [
                 asyncio.create_task(self.pool.scrape_forever(self.client)),
@@ -161,7 +160,7 @@ class Broker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         if self.client is not None:
-            await self.client.aclose()
+            await self.client.close()
         await self.accounting.close()
 
     def _load(self) -> BrokerConfig:
@@ -205,9 +204,12 @@ class Broker:
     async def _health(self, st: EndpointState) -> None:
         assert self.client is not None
         try:
-            r = await self.client.get(f"{st.endpoint.url}/models", headers=self._auth(st), timeout=5.0)
-            healthy = r.status_code == 200
-        except httpx2.HTTPError:
+            async with self.client.get(
+                f"{st.endpoint.url}/models", headers=self._auth(st), timeout=http.total_timeout(5.0)
+            ) as r:
+                await r.read()  # read whole, so the connection goes back to the pool
+                healthy = r.status == 200
+        except (TimeoutError, *http.NETWORK_ERRORS):
             healthy = False
         if healthy != st.healthy:
             log.warning("endpoint %s is now %s", st.endpoint.name, "healthy" if healthy else "unhealthy")
@@ -461,39 +463,39 @@ class Broker:
             self.pool.started(st)
             t0 = time.monotonic()
             try:
-                req = self.client.build_request(
-                    "POST",
-                    f"{st.endpoint.url}/{ctx.path}",
-                    content=content,
-                    headers=self._headers(ctx, st, incoming),
-                    timeout=httpx2.Timeout(timeout, connect=min(timeout, 5.0)),
-                )
+                raw = b""
                 try:
-                    if stream:
-                        resp = await self.client.send(req, stream=True)
-                    else:
-                        # httpx timeouts bound each read, not the call: a whole-call bound
-                        # keeps an upstream that trickles its answer inside the budget.
-                        resp = await asyncio.wait_for(self.client.send(req), timeout)
-                except (httpx2.TimeoutException, TimeoutError):
+                    resp = await self.client.post(
+                        f"{st.endpoint.url}/{ctx.path}",
+                        data=content,
+                        headers=self._headers(ctx, st, incoming),
+                        timeout=http.call_timeout(timeout, stream=stream),
+                    )
+                    if not stream or resp.status != 200:
+                        # Inside the call's timeout; a body broken off is a failed attempt.
+                        try:
+                            raw = await resp.read()
+                        finally:
+                            resp.release()
+                except TimeoutError:
                     outcome.fail()
                     last_error = UpstreamTimeout(
                         f"endpoint {st.endpoint.name} did not answer within {timeout:.1f}s", code="upstream_timeout"
                     )
-                except httpx2.HTTPError as exc:
+                except http.NETWORK_ERRORS as exc:
                     outcome.fail()
                     last_error = BadGateway(
                         f"endpoint {st.endpoint.name} failed: {type(exc).__name__}", code="upstream_unavailable"
                     )
                 else:
-                    if resp.status_code == 200:
+                    if resp.status == 200:
                         if stream:
                             outcome.handed_off = True
                             return self._relay_stream(ctx, st, resp, t0, strip_usage_chunk)
-                        return await self._finish_json(ctx, st, resp, t0, outcome)
-                    err = await self._upstream_error(st, resp)
-                    outcome.fail(counts=resp.status_code >= 500)
-                    if resp.status_code not in RETRYABLE_STATUS:
+                        return await self._finish_json(ctx, st, raw, t0, outcome)
+                    err = self._upstream_error(st, resp.status, resp.headers, raw)
+                    outcome.fail(counts=resp.status >= 500)
+                    if resp.status not in RETRYABLE_STATUS:
                         self._record(ctx, st, 0, 0, outcome="error", status=err.status, stream=stream)
                         raise err
                     last_error = err
@@ -514,9 +516,7 @@ class Broker:
         self._record(ctx, None, 0, 0, outcome="error", status=last_error.status, stream=stream)
         raise last_error
 
-    async def _upstream_error(self, st: EndpointState, resp: httpx2.Response) -> AgentbusError:
-        raw = await resp.aread()
-        await resp.aclose()
+    def _upstream_error(self, st: EndpointState, status: int, headers: Any, raw: bytes) -> AgentbusError:
         detail = ""
         try:
             data = orjson.loads(raw)
@@ -524,28 +524,23 @@ class Broker:
             detail = (err.get("message") if isinstance(err, dict) else str(err or data))[:500]
         except orjson.JSONDecodeError:
             detail = raw[:200].decode(errors="replace")
-        msg = f"endpoint {st.endpoint.name} answered {resp.status_code}: {detail}"
-        retry_after = resp.headers.get("retry-after")
-        if resp.status_code == 429:
+        msg = f"endpoint {st.endpoint.name} answered {status}: {detail}"
+        retry_after = headers.get("retry-after")
+        if status == 429:
             ms = int(float(retry_after) * 1000) if retry_after and retry_after.isdigit() else 1000
             return RateLimited(msg, code="upstream_rate_limited", retry_after_ms=ms)
-        if resp.status_code in (408, 504):
+        if status in (408, 504):
             return UpstreamTimeout(msg, code="upstream_timeout")
-        if resp.status_code >= 500:
+        if status >= 500:
             return BadGateway(msg, code="upstream_error")
-        err_cls = ValidationFailed if resp.status_code == 422 else BadRequest
+        err_cls = ValidationFailed if status == 422 else BadRequest
         e = err_cls(msg, code="upstream_rejected")
-        e.status = resp.status_code if 400 <= resp.status_code < 500 else 400
+        e.status = status if 400 <= status < 500 else 400
         return e
 
     async def _finish_json(
-        self, ctx: CallContext, st: EndpointState, resp: httpx2.Response, t0: float, outcome: _Outcome
+        self, ctx: CallContext, st: EndpointState, raw: bytes, t0: float, outcome: _Outcome
     ) -> Response:
-        try:
-            raw = await resp.aread()
-        except httpx2.HTTPError as exc:
-            outcome.fail()
-            raise BadGateway(f"endpoint {st.endpoint.name} broke off the response", code="upstream_error") from exc
         try:
             data = orjson.loads(raw)
             if not isinstance(data, dict):
@@ -566,14 +561,14 @@ class Broker:
         return Response(raw, media_type="application/json", headers={"X-Agentbus-Endpoint": st.endpoint.name})
 
     def _relay_stream(
-        self, ctx: CallContext, st: EndpointState, resp: httpx2.Response, t0: float, strip_usage: bool
+        self, ctx: CallContext, st: EndpointState, resp: aiohttp.ClientResponse, t0: float, strip_usage: bool
     ) -> StreamingResponse:
         state: dict[str, Any] = {"tin": None, "tout": None, "chars": 0, "ttft": None, "ok": False, "closed": False}
 
         async def relay() -> AsyncIterator[bytes]:
             buf = b""
             try:
-                async for chunk in resp.aiter_bytes():
+                async for chunk in resp.content.iter_any():
                     buf += chunk
                     while b"\n\n" in buf:
                         event, buf = buf.split(b"\n\n", 1)
@@ -585,7 +580,7 @@ class Broker:
                     if out is not None:
                         yield out + b"\n\n"
                 state["ok"] = True
-            except httpx2.HTTPError as exc:
+            except (TimeoutError, *http.NETWORK_ERRORS) as exc:
                 err = BadGateway(f"endpoint {st.endpoint.name} broke off the stream: {type(exc).__name__}")
                 yield b"data: " + orjson.dumps(err.to_body()) + b"\n\n"
 
@@ -597,7 +592,10 @@ class Broker:
             ok = bool(state["ok"])
             latency = (time.monotonic() - t0) * 1000.0
             self.pool.finished(st, ok=ok, latency_ms=latency if ok else None, counts_as_failure=not ok)
-            await resp.aclose()
+            if ok:
+                resp.release()  # read to the end: the connection goes back to the pool
+            else:
+                resp.close()  # unread bytes may follow: never reuse this connection
             tin = state["tin"] if state["tin"] is not None else ctx.signals.context_tokens
             tout = state["tout"]
             if tout is None:
