@@ -552,10 +552,11 @@ NOTES = [
     "past the worker's capacity the added p50 grows with N by construction.",
     "Streaming: the upstream writes its 10 events back to back, so a direct TTFT is nearly "
     "its total; through agentbus, TTFT is when the broker relays the first content chunk.",
-    "Budget accounting runs on every call even without limits configured: the broker "
-    "reserves on the principal and the tenant scope before the call, settles after it and "
-    "stores a usage record (a background task). `+budget` adds a per-principal limit "
-    f"(`default_principal_limits: {BUDGET}`) that is never reached.",
+    "Without limits (the default) the broker counts each call on the principal and tenant "
+    "scopes and stores a usage record after the answer has gone out (batched, "
+    "agentbus/broker/accounting.py). `+budget` adds a per-principal limit "
+    f"(`default_principal_limits: {BUDGET}`) that is never reached: such a call reserves in "
+    "the backend before it is sent and settles after, both on the call's path.",
     "Nearest-rank percentiles over the calls completed inside each window; p99 of a few "
     "seconds on a shared 2-core machine is noisy — compare runs, not digits.",
 ]
@@ -586,7 +587,10 @@ def render(res: dict[str, Any]) -> str:
         f"- load average before / after: {m['loadavg_before']} / {m.get('loadavg_after', 'n/a')}; "
         f"{m.get('background_busy_cores', 0.0):.2f} cores busy with other work just before the run",
         f"- agentbus {v['agentbus']} (git {v['git']}), Python {v['python']}, "
-        + ", ".join(f"{k} {v[k]}" for k in ("fastapi", "uvicorn", "httpx", "h11", "httptools", "uvloop", "redis-py"))
+        + ", ".join(
+            f"{k} {v.get(k, 'n/a')}"
+            for k in ("fastapi", "uvicorn", "aiohttp", "httpx", "h11", "httptools", "uvloop", "redis-py")
+        )
         + f"; Redis {v['redis']}",
         f"- settings: `agentbus serve --workers 1` (dev mode, `AGENTBUS_AUTH=false`), one endpoint; "
         f"{meta['duration_s']} s measured after {meta['warmup_s']} s warm-up per cell; "
@@ -653,7 +657,7 @@ def render(res: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------- main
 def versions() -> dict[str, str]:
     out = commit_bench_versions()
-    for dist in ("httpx", "h11", "httptools"):
+    for dist in ("aiohttp", "httpx", "h11", "httptools"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
