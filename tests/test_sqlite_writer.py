@@ -100,3 +100,72 @@ def test_only_reservations_and_timeline_rows_skip_their_own_fsync(tmp_path: Path
     asyncio.run(main())
     normal, full = 1, 2
     assert seen == {"reserve": normal, "settle": full, "account": full, "failed": normal, "after": full}
+
+
+def test_queued_transactions_share_one_commit_and_a_failing_one_rolls_back_alone(tmp_path: Path) -> None:
+    """Group commit: transactions that queued while the writer was busy run as one SQLite
+    transaction, in queue order, each in its own savepoint. One that raises after writing
+    is undone alone and gets its exception; the others are applied and answered."""
+    from agentbus.store import sqlite as sqlite_mod
+
+    url = f"sqlite:///{tmp_path / 'group.db'}"
+    upgrade(url)
+    groups: list[int] = []
+    real_grouped = sqlite_mod._grouped
+
+    def counting(conn: object, group: list[object]) -> object:
+        groups.append(len(group))
+        return real_grouped(conn, group)  # type: ignore[arg-type]
+
+    def bad(conn: object) -> None:
+        conn.execute("UPDATE shards SET version = version + 100")  # type: ignore[attr-defined]
+        raise RuntimeError("refused after writing")
+
+    async def main() -> None:
+        store = open_store(Settings(store=url), url)
+        await store.start()
+        ref = SessionRef("t", "sp", "agent")
+        sqlite_mod._grouped = counting  # type: ignore[assignment]
+        try:
+            await store.commit(ref, CommitRequest((WriteOp("seed", "0"),), {}))
+            fd = os.open(tmp_path / "group.db-writer.lock", os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # the writer blocks on its first job; the rest queue
+                blocker = asyncio.ensure_future(store.commit(ref, CommitRequest((WriteOp("seed", "1"),), {})))
+                await asyncio.sleep(0.2)
+                jobs = [
+                    asyncio.ensure_future(store.commit(ref, CommitRequest((WriteOp(f"k{i}", str(i)),), {})))
+                    for i in range(10)
+                ]
+                failing = asyncio.ensure_future(store._run(bad))  # type: ignore[attr-defined]
+                jobs += [
+                    asyncio.ensure_future(store.commit(ref, CommitRequest((WriteOp(f"k{i}", str(i)),), {})))
+                    for i in range(10, 20)
+                ]
+                await asyncio.sleep(0.2)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                assert (await asyncio.wait_for(blocker, 30)).result is not None
+                outcomes = await asyncio.wait_for(asyncio.gather(*jobs), 30)
+                try:
+                    await asyncio.wait_for(failing, 30)
+                    raise AssertionError("the failing job did not fail")
+                except RuntimeError as exc:
+                    assert "refused after writing" in str(exc)
+            finally:
+                os.close(fd)
+            assert [o.result.versions for o in outcomes] == [{f"k{i}": 1} for i in range(20)]  # type: ignore[union-attr]
+            # Queue order: each commit got the next sequence number of the space.
+            seqs = [o.result.seq for o in outcomes]  # type: ignore[union-attr]
+            assert seqs == sorted(seqs) and len(set(seqs)) == 20
+            for i in (0, 19):
+                shard = await store.read(ref, f"k{i}")
+                assert shard is not None and shard.meta.version == 1
+            seed = await store.read(ref, "seed")
+            assert seed is not None and seed.meta.version == 2
+        finally:
+            sqlite_mod._grouped = real_grouped  # type: ignore[assignment]
+            await store.close()
+        # The 21 queued transactions went in one group (MAX_GROUP is larger than that).
+        assert groups == [21], groups
+
+    asyncio.run(main())
