@@ -47,10 +47,11 @@ def test_a_commit_waits_for_the_writer_turn(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
-def test_only_reservations_and_timeline_rows_skip_their_own_fsync(tmp_path: Path) -> None:
-    """A reservation commits with ``synchronous=NORMAL`` (no fsync of its own); the settle
-    that ends its call, a commit and usage records keep ``FULL``; and the connection is
-    back to ``FULL`` after a relaxed transaction, also one that failed."""
+def test_only_budget_calls_and_timeline_rows_skip_their_own_fsync(tmp_path: Path) -> None:
+    """A reservation and its settle commit with ``synchronous=NORMAL`` (no fsync of their
+    own); usage records and counts (the accountant's batches, which fsync them too) and
+    commits keep ``FULL``; and the connection is back to ``FULL`` after a relaxed
+    transaction, also one that failed."""
     from agentbus.broker.budget import Amount, Charge, Limits
     from agentbus.store import sqlite_budget
 
@@ -99,7 +100,7 @@ def test_only_reservations_and_timeline_rows_skip_their_own_fsync(tmp_path: Path
 
     asyncio.run(main())
     normal, full = 1, 2
-    assert seen == {"reserve": normal, "settle": full, "account": full, "failed": normal, "after": full}
+    assert seen == {"reserve": normal, "settle": normal, "account": full, "failed": normal, "after": full}
 
 
 def test_queued_transactions_share_one_commit_and_a_failing_one_rolls_back_alone(tmp_path: Path) -> None:

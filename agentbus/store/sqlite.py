@@ -202,10 +202,11 @@ class SQLiteStore(SQLStore):
         transaction only) when the store is set to ``FULL`` or ``EXTRA``: other connections
         see it at once, an application crash cannot lose it, and the next durable commit
         of any process (one WAL file, one fsync) makes it durable too; only an OS crash or
-        power loss before then loses it. For writes whose loss in such a crash loses
-        nothing that outlived it: a budget reservation (its call died with the machine;
-        the call's settle is durable) and timeline events (observability). An fsync costs
-        ~0.2-0.3 ms here, and the writer thread is one for all transactions of the process.
+        power loss before then loses it. For a model call's reservation and settle (the
+        call's usage record follows within ``accounting.LINGER_S``, durably, and fsyncs them
+        with it; a settle lost in an OS crash leaves a reservation the sweeper releases)
+        and timeline events (observability). An fsync costs ~0.2-0.8 ms here, and queued
+        transactions of the whole process wait for it.
         """
         jobs = self._jobs
         assert jobs is not None, "the store is not started"
