@@ -40,6 +40,11 @@ class Telemetry:
         self._tasks: set[asyncio.Task[None]] = set()
         self._gauges_at: dict[tuple[str, str], float] = {}
 
+    @property
+    def exporting(self) -> bool:
+        """Whether spans can be recorded at all (an exporter or processor is configured)."""
+        return bool(getattr(self.provider.sampler, "exporting", True))
+
     async def start(self, store: Store) -> None:
         if not self.settings.trace_store:
             return
