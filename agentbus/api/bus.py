@@ -42,11 +42,18 @@ def strict_json(raw: bytes) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise json.JSONDecodeError("request body is not UTF-8", "", exc.start) from exc
-    return json.loads(text, parse_constant=_reject_constant)
+    if text.startswith("\ufeff"):
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)  # as json.loads
+    return _DECODER.decode(text)
 
 
 def _reject_constant(name: str) -> Any:
     raise json.JSONDecodeError(f"{name} is not valid JSON", name, 0)
+
+
+# One decoder for every request: json.loads with any option builds a new one per call
+# (~3% of a busy worker's CPU on commits).
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 class StrictJSONRoute(APIRoute):
