@@ -232,6 +232,37 @@ def test_a_full_queue_drops_the_oldest(monkeypatch: pytest.MonkeyPatch) -> None:
     run(body)
 
 
+def test_drain_waits_for_the_batch_in_flight_even_when_the_queue_overflowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Entry 0 is being written when entries 1-3, which a reader waits for, are dropped by an
+    # overflow: the reader must still wait for entry 0, not take the drop for progress.
+    monkeypatch.setattr(acc, "MAX_QUEUED", 3)
+    monkeypatch.setattr(acc, "LINGER_S", 0.0)
+    backend = Backend()
+
+    async def body() -> None:
+        a = acc.Accountant(lambda: backend)  # type: ignore[arg-type, return-value]
+        backend.gate = asyncio.Event()
+        a.start()
+        a.record(rec(0))
+        await asyncio.sleep(0.01)  # the writer took entry 0 and waits at the gate
+        for i in (1, 2, 3):
+            a.record(rec(i))
+        reader = asyncio.ensure_future(a.drain(5))
+        await asyncio.sleep(0)
+        for i in (4, 5, 6):
+            a.record(rec(i))  # drops 1, 2, 3
+        await asyncio.sleep(0.05)
+        assert not reader.done(), "drain returned while entry 0 was still being written"
+        backend.gate.set()
+        assert await reader
+        assert 0 in backend.records
+        assert await a.drain(5)
+        assert backend.records == [0, 4, 5, 6]
+        await a.close()
+
+    run(body)
+
+
 def test_close_writes_what_is_queued() -> None:
     backend = Backend()
 

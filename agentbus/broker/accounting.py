@@ -63,7 +63,7 @@ class Accountant:
         self._budgets = budgets
         self._queue: deque[tuple[int, _Entry]] = deque()
         self._seq = 0  # entries put so far
-        self._done = 0  # every entry up to this one is written (or dropped)
+        self._inflight: int | None = None  # first entry of the batch being written
         self._isolate_to = 0  # entries up to this one are written one at a time
         self._wake = asyncio.Event()
         self._flush = asyncio.Event()  # cut the linger short: a reader or close() waits
@@ -84,8 +84,7 @@ class Accountant:
 
     def _put(self, entry: _Entry) -> None:
         if len(self._queue) >= MAX_QUEUED:
-            seq, lost = self._queue.popleft()
-            self._done = max(self._done, seq)
+            _, lost = self._queue.popleft()
             m.ACCOUNTING.labels("dropped").inc()
             log.error("accounting queue full (backend unavailable for long?): dropped %r", lost)
         if self._closing and self._task is None:
@@ -109,13 +108,22 @@ class Accountant:
     async def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
         """Wait until everything put before this call is written; False on timeout."""
         target = self._seq
-        if self._done >= target:
+        if self._finished(target):
             return True
         self._flush.set()
         async with self._written:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._written.wait_for(lambda: self._done >= target), timeout_s)
-        return self._done >= target
+                await asyncio.wait_for(self._written.wait_for(lambda: self._finished(target)), timeout_s)
+        return self._finished(target)
+
+    def _finished(self, target: int) -> bool:
+        """Every entry up to ``target`` is written or dropped. Entries are handled in order:
+        whatever is below both the queue's first entry and the batch in flight is done (a
+        failed batch goes back to the front of the queue; a dropped entry leaves it)."""
+        first_open = self._queue[0][0] if self._queue else self._seq + 1
+        if self._inflight is not None:
+            first_open = min(first_open, self._inflight)
+        return first_open > target
 
     async def _run(self) -> None:
         delay = RETRY_S
@@ -149,6 +157,15 @@ class Accountant:
         budgets = self._budgets()
         size = MAX_BATCH if budgets.atomic_batches and self._queue[0][0] > self._isolate_to else 1
         batch = [self._queue.popleft() for _ in range(min(size, len(self._queue)))]
+        self._inflight = batch[0][0]
+        try:
+            return await self._write(budgets, batch)
+        finally:
+            self._inflight = None
+            async with self._written:
+                self._written.notify_all()
+
+    async def _write(self, budgets: BudgetStore, batch: list[tuple[int, _Entry]]) -> bool:
         charges = [e for _, e in batch if isinstance(e, Charge)]
         records = [e for _, e in batch if isinstance(e, UsageRecord)]
         try:
@@ -170,9 +187,6 @@ class Accountant:
             log.exception("the backend refused an accounting entry; dropped %r", batch[0][1])
         else:
             m.ACCOUNTING.labels("stored").inc(len(batch))
-        self._done = max(self._done, batch[-1][0])
-        async with self._written:
-            self._written.notify_all()
         return True
 
     async def close(self, timeout_s: float = 10.0) -> None:
