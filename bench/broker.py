@@ -78,9 +78,14 @@ JSON_REQUEST = {"model": MODEL, "messages": _MESSAGES, "max_tokens": 16}
 JSON_BODY = orjson.dumps(JSON_REQUEST)
 # include_usage is asked for by the client, so the broker passes the usage chunk through
 # instead of stripping it and both paths deliver the same events.
-STREAM_BODY = orjson.dumps(
-    {"model": MODEL, "messages": _MESSAGES, "max_tokens": 16, "stream": True, "stream_options": {"include_usage": True}}
-)
+STREAM_REQUEST = {
+    "model": MODEL,
+    "messages": _MESSAGES,
+    "max_tokens": 16,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+}
+STREAM_BODY = orjson.dumps(STREAM_REQUEST)
 
 
 # ---------------------------------------------------------------------- load generator
@@ -105,8 +110,10 @@ class ClientResult:
 
     total: list[float] = field(default_factory=list)
     ttft: list[float] = field(default_factory=list)
-    # Latency minus the upstream's own delay for this call (json calls with a seeded delay).
+    # Latency and time to first token minus the upstream's own delay for this call (calls
+    # with a seeded delay; the upstream holds back the whole answer, first chunk included).
     excess: list[float] = field(default_factory=list)
+    ttft_excess: list[float] = field(default_factory=list)
     other: Counter[str] = field(default_factory=Counter)
     ok_total: int = 0
     cpu_s: float = 0.0
@@ -163,16 +170,16 @@ async def _client(spec: BrokerCell, conn: StreamConn, res: ClientResult, window:
     rng = random.Random()
     try:
         while time.monotonic() < end:
-            body, upstream_s = JSON_BODY, None
-            if spec.mode == "json" and delay_s > 0:
+            body, upstream_s = (STREAM_BODY if spec.mode == "stream" else JSON_BODY), None
+            if spec.mode in ("json", "stream") and delay_s > 0:
                 # The upstream derives its delay from the seed: subtract it per call.
                 seed = rng.randrange(1_000_000)
-                body = orjson.dumps({**JSON_REQUEST, "seed": seed})
+                body = orjson.dumps({**(STREAM_REQUEST if spec.mode == "stream" else JSON_REQUEST), "seed": seed})
                 upstream_s = delay_s * delay_factor(body)
             t0 = time.monotonic()
             first: float | None = None
             if spec.mode == "stream":
-                status, first, events, done = await conn.stream(CHAT_PATH, STREAM_BODY)
+                status, first, events, done = await conn.stream(CHAT_PATH, body)
                 ok = status == 200 and done and events == STREAM_EVENTS
                 if status == 200 and not ok:
                     res.other[f"incomplete stream ({events} events, done={done})"] += 1
@@ -197,6 +204,8 @@ async def _client(spec: BrokerCell, conn: StreamConn, res: ClientResult, window:
                     res.excess.append(t1 - t0 - upstream_s)
                 if first is not None:
                     res.ttft.append(first - t0)
+                    if upstream_s is not None:
+                        res.ttft_excess.append(first - t0 - upstream_s)
     finally:
         conn.close()
 
@@ -350,6 +359,7 @@ def measure(
     total = sorted(x for r in results for x in r.total)
     ttft = sorted(x for r in results for x in r.ttft)
     excess = sorted(x for r in results for x in r.excess)
+    ttft_excess = sorted(x for r in results for x in r.ttft_excess)
     other: Counter[str] = Counter()
     for r in results:
         other.update(r.other)
@@ -364,6 +374,7 @@ def measure(
         "latency_ms": percentiles(total),
         "ttft_ms": percentiles(ttft) if mode == "stream" else {},
         "excess_ms": percentiles(excess) if excess else {},
+        "ttft_excess_ms": percentiles(ttft_excess) if ttft_excess else {},
         "other": dict(other),
         "cpu": {
             "client_cores": sum(r.cpu_s for r in results) / args.duration,
@@ -483,10 +494,11 @@ def _metric(cell: dict[str, Any], what: str, q: str) -> float | None:
 
 
 def _added(a: dict[str, Any], d: dict[str, Any], what: str, q: str) -> float | None:
-    if what == "latency_ms" and a.get("excess_ms") and d.get("excess_ms"):
+    excess = {"latency_ms": "excess_ms", "ttft_ms": "ttft_excess_ms"}.get(what)
+    if excess and a.get(excess) and d.get(excess):
         # Seeded upstream delay: each call's latency minus its own delay, then the difference
         # of those percentiles (a difference of raw percentiles would carry the delay's spread).
-        what = "excess_ms"
+        what = excess
     x, y = _metric(a, what, q), _metric(d, what, q)
     return None if x is None or y is None else x - y
 
@@ -646,9 +658,14 @@ def render(res: dict[str, Any]) -> str:
             f"The upstream (bench/upstream_server.py --delay-ms {meta['upstream_delay_ms']:g}) answers each "
             "completion 0.5-1.5x that long after it arrives, as a model would, and costs no CPU while it waits; so "
             "the direct latency is about the delay, and added = agentbus - direct is agentbus's cost per call "
-            "at a request rate that real model calls would bring. Each non-streaming call carries an OpenAI "
+            "at a request rate that real model calls would bring. Each call carries an OpenAI "
             "`seed` from which the upstream derives its delay, so the client subtracts that call's own delay "
-            "before taking percentiles: added p50/p99 = percentile(latency - delay), agentbus minus direct."
+            "before taking percentiles: added p50/p99 = percentile(latency - delay), agentbus minus direct"
+            + (
+                " (streams too: time to first token and whole stream)."
+                if any(c.get("ttft_excess_ms") for c in res.get("cells", []))
+                else " (non-streaming calls only in this run: its streams were not seeded)."
+            )
         )
     lines += ["### Notes", "", *[f"- {n}" for n in notes], ""]
     return "\n".join(lines)
