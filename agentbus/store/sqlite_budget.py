@@ -81,6 +81,14 @@ def _stored(conn: sqlite3.Connection, key: str, limits: Limits) -> Counter:
     return Counter(**dict(zip(_FIELDS, row, strict=True)))
 
 
+def _loaded(conn: sqlite3.Connection, key: str) -> tuple[float, Counter] | None:
+    """The scope's window and counter as stored, or None if it has no row."""
+    row = conn.execute(LOAD_COUNTER, (key,)).fetchone()
+    if row is None:
+        return None
+    return float(row[0]), Counter(**dict(zip(_FIELDS, row[1:], strict=True)))
+
+
 def _locked(conn: sqlite3.Connection, key: str, limits: Limits, now: float) -> Counter:
     """The scope's counter, created if missing, rolled to ``now``."""
     return b.roll(_stored(conn, key, limits), limits, now)
@@ -119,11 +127,11 @@ def _settle(conn: sqlite3.Connection, reservation_id: str, actual: Amount, now: 
     # The stored amount and scopes are the truth, not what the caller kept.
     reserved = Amount(int(tokens), float(cost))
     for scope in sorted(json.loads(scopes_json)):
-        loaded = conn.execute(LOAD_COUNTER, (scope,)).fetchone()
+        loaded = _loaded(conn, scope)
         if loaded is None:
             continue  # the scope row is gone; there is nothing to give back
-        window_s = float(loaded[0])
-        counter = b.roll(Counter(**dict(zip(_FIELDS, loaded[1:], strict=True))), Limits(window_s=window_s), now)
+        window_s, stored = loaded
+        counter = b.roll(stored, Limits(window_s=window_s), now)
         counter = b.settle(counter, reserved, actual, reserved_at=reserved_at, window_s=window_s, release=release)
         conn.execute(SETTLE_COUNTER, (*(getattr(counter, f) for f in _FIELDS), scope))
     return True
@@ -132,9 +140,8 @@ def _settle(conn: sqlite3.Connection, reservation_id: str, actual: Amount, now: 
 def _counters(conn: sqlite3.Connection, scopes: dict[str, Limits], now: float) -> dict[str, Counter]:
     out: dict[str, Counter] = {}
     for key, limits in scopes.items():
-        row = conn.execute(LOAD_COUNTER, (key,)).fetchone()
-        stored = Counter(**dict(zip(_FIELDS, row[1:], strict=True))) if row is not None else Counter()
-        out[key] = b.roll(stored, limits, now)
+        loaded = _loaded(conn, key)
+        out[key] = b.roll(loaded[1] if loaded is not None else Counter(), limits, now)
     return out
 
 
