@@ -63,7 +63,8 @@ class SQLiteBudgetStore(SQLBudgetStore):
     async def counters(self, scopes: dict[str, Limits], now: float) -> dict[str, Counter]:
         # On the writer thread too: through SQLAlchemy + aiosqlite the broker's once-a-second
         # budget gauge read per principal took ~13% of a busy worker (py-spy, 16 callers).
-        return await self.sql._run(_counters, scopes, now, durable=False)
+        # Durable as any transaction: it writes nothing, so its COMMIT has nothing to fsync.
+        return await self.sql._run(_counters, scopes, now)
 
     async def record_usage(self, rec: UsageRecord) -> None:
         await self.sql._run(_add_usage, rec)
