@@ -452,7 +452,7 @@ def test_epoch_shadow_matches_loading_the_epoch(redis_url: str, prefix: str) -> 
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from agentbus.store.redis import EpochShadows
+    from agentbus.store.shadows import EpochShadows
 
     op = st.one_of(
         st.tuples(st.just("read"), st.integers(0, 1), st.sampled_from(["a", "b", "c", "n"])),

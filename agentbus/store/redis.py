@@ -53,7 +53,6 @@ import asyncio
 import hashlib
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -85,6 +84,7 @@ from agentbus.store.base import CommitOutcome, CommitRequest, HistoryEntry, List
 from agentbus.store.redis_budget import RedisBudgetStore
 from agentbus.store.redis_errors import UNAVAILABLE, is_unavailable, unavailable
 from agentbus.store.redis_pool import FairBlockingConnectionPool
+from agentbus.store.shadows import NOTHING, EpochShadows
 
 # The commit script says "reload the epoch" when a read of the same session slipped in
 # between loading the epoch and running the script; only a session reading in a tight loop
@@ -170,64 +170,6 @@ def _parse_epoch(raw: Mapping[bytes, bytes]) -> tuple[Epoch, str] | None:
     epoch.ranges = [r for _, r in sorted(ranges, key=lambda item: item[0])]
     tag = f"{raw.get(b'tok', b'').decode()}:{raw.get(b'gen', b'0').decode()}"
     return epoch, tag
-
-
-class EpochShadows:
-    """This process's copy of the epochs of sessions whose reads it served, so a commit after
-    reads can skip loading the epoch (one round trip instead of two).
-
-    A copy is only kept while it is provably exact: every read script reports what it did to
-    the epoch ('a' added an entry, 'o' set overflow, 'n' nothing) and the epoch's tok and gen
-    afterwards, and the copy follows only if gen moved by exactly what this read did. Any other
-    change (a read served by another process, a listing, an expired and recreated epoch) drops
-    it, and the commit loads the epoch as before. The commit script still compares the tag
-    "tok:gen", so a copy that went stale between the read and the commit costs a retry, never a
-    wrong answer. Bounded: at most ``cap`` sessions (oldest dropped) of at most ``max_points``.
-    """
-
-    def __init__(self, cap: int = 10_000, max_points: int = 256) -> None:
-        self.cap = cap
-        self.max_points = max_points
-        self._d: OrderedDict[SessionRef, tuple[bytes, int, Epoch]] = OrderedDict()
-
-    def follow(
-        self, ref: SessionRef, key: str, version: int, did: bytes, tok: bytes, gen: int, started: float, token: str
-    ) -> None:
-        old = self._d.pop(ref, None)
-        if tok == token.encode():  # this read started the epoch
-            if did != b"a" or gen != 1:
-                return
-            epoch = Epoch(started_at=started, overflow=False, generation=gen)
-            epoch.points[key] = version
-        elif old is None or old[0] != tok:
-            return
-        else:
-            epoch = old[2]
-            if did == b"n" and gen == old[1] and (key in epoch.points or epoch.overflow):
-                pass
-            elif did == b"a" and gen == old[1] + 1 and key not in epoch.points:
-                epoch.points[key] = version
-            elif did == b"o" and gen == old[1] + 1:
-                epoch.overflow = True
-            else:
-                return
-            epoch.generation = gen
-        if len(epoch.points) > self.max_points:
-            return
-        self._d[ref] = (tok, gen, epoch)
-        if len(self._d) > self.cap:
-            self._d.popitem(last=False)
-
-    def pop(self, ref: SessionRef) -> tuple[Epoch, str] | None:
-        """The epoch and its tag, as :func:`_parse_epoch` would give them; forgotten here."""
-        got = self._d.pop(ref, None)
-        if got is None:
-            return None
-        tok, gen, epoch = got
-        return epoch, f"{tok.decode()}:{gen}"
-
-    def drop(self, ref: SessionRef) -> None:
-        self._d.pop(ref, None)
 
 
 def _lex_bounds(prefix: str, start_after: str | None) -> tuple[bytes, bytes]:
@@ -403,10 +345,21 @@ class RedisStore(Store):
             )
         self._note_reader(ref)
         meta = _parse_meta(key, meta_raw) if meta_raw is not None else None
-        self._shadows.follow(ref, key, meta.version if meta else 0, did, tok, int(gen), float(started), token)
+        self._follow(ref, key, meta.version if meta else 0, did, tok, int(gen), float(started), token)
         if meta is None or value is None:
             return None
         return Shard(meta=meta, value_json=value.decode())
+
+    def _follow(
+        self, ref: SessionRef, key: str, version: int, did: bytes, tok: bytes, gen: int, started: float, token: str
+    ) -> None:
+        """Feed the shadows with tags ``"tok:gen"``; the read script bumps gen once per change."""
+        tag = tok.decode()
+        if tok == token.encode():  # this read started the epoch (with our token)
+            before = None if gen == 1 else "!"  # "!" matches no copy: anything else is unexpected
+        else:
+            before = f"{tag}:{gen if did == NOTHING else gen - 1}"
+        self._shadows.follow(ref, key, version, did, before, f"{tag}:{gen}", started, gen)
 
     def _note_reader(self, ref: SessionRef) -> None:
         if len(self._readers) >= 100_000:
