@@ -3,7 +3,7 @@
 Why: through SQLAlchemy Core a delivered read was a six-statement transaction and a commit
 about twelve statements, each built, compiled and sent through the greenlet bridge — several
 milliseconds of CPU per request and a round trip per statement. Here a read is one call of
-``agentbus_read`` (migration 0005) and a commit is optimistic (migration 0006):
+``agentbus_read`` (migrations 0005, 0007) and a commit is optimistic (migration 0006):
 
 1. ``agentbus_commit_peek`` fetches the space seq, the idempotency record, the epoch, the
    heads and the heads changed under range reads, taking no lock;
@@ -19,6 +19,14 @@ rejected ``expected_version`` with nothing to store (no epoch to end, no Idempot
 one. After :data:`OPTIMISTIC_ATTEMPTS` failed checks a commit falls back to that locked path
 (``agentbus_commit_load`` .. ``agentbus_commit_apply`` in one transaction), so a hot key
 cannot starve anyone.
+
+One round trip (migration 0007): when every write is guarded, by its ``expected_version``,
+an explicit read, or a read in the session's epoch that this process holds an exact copy of
+(:mod:`agentbus.store.shadows`, fed by ``agentbus_read``), core validation plans the commit
+*before* looking, on the assumption that each guarded head is at its guarded version.
+``agentbus_commit_blind`` checks that assumption and the epoch's tag, then runs the same try;
+if anything differs it returns the peek's row instead, and the commit goes on from step 2.
+So the assumption never decides anything: the try's checks under the lock do, as above.
 
 The guarantees are unchanged. Every writer of a space's shards holds its space row lock, and
 each statement inside the (VOLATILE) try function takes a fresh snapshot, so once it has the
@@ -55,7 +63,9 @@ from agentbus.core.model import (
     ShardMeta,
     StoredOutcome,
 )
-from agentbus.store.base import CommitOutcome, CommitRequest, outcome_body
+from agentbus.settings import Settings
+from agentbus.store.base import CommitOutcome, CommitRequest, Listing, outcome_body
+from agentbus.store.shadows import EpochShadows
 from agentbus.store.sql import SQLStore, transient_sqlstate
 
 READ_SQL = "SELECT * FROM agentbus_read($1, $2, $3, $4, $5, $6, $7)"
@@ -63,6 +73,10 @@ PEEK_SQL = "SELECT * FROM agentbus_commit_peek($1, $2, $3, $4, $5, $6)"
 TRY_SQL = (
     "SELECT agentbus_commit_try($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,"
     " $19, $20, $21)"
+)
+BLIND_SQL = (
+    "SELECT * FROM agentbus_commit_blind($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,"
+    " $17, $18, $19, $20, $21, $22)"
 )
 LOAD_SQL = "SELECT * FROM agentbus_commit_load($1, $2, $3, $4, $5, $6, $7)"
 APPLY_SQL = "SELECT agentbus_commit_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
@@ -137,6 +151,12 @@ class PostgresStore(SQLStore):
 
     _pool: asyncpg.Pool | None = None
 
+    def __init__(self, settings: Settings, url: str | None = None) -> None:
+        super().__init__(settings, url)
+        self._shadows = EpochShadows()
+        # Tests turn this off to drive the peek/try path alone.
+        self.one_trip = True
+
     async def start(self) -> None:
         await super().start()
         self._pool = None
@@ -206,7 +226,17 @@ class PostgresStore(SQLStore):
                 self.now(),
                 self.settings.readset_max_entries,
             )
-        if row is None or not row["o_found"] or row["o_deleted"]:
+        assert row is not None
+        self._shadows.follow(
+            ref,
+            key,
+            int(row["o_version"]),
+            row["o_did"].encode(),
+            row["o_tag_before"],
+            row["o_tag_after"],
+            float(row["o_started"]),
+        )
+        if not row["o_found"] or row["o_deleted"]:
             return None
         meta = ShardMeta(
             key=key,
@@ -219,11 +249,28 @@ class PostgresStore(SQLStore):
         return Shard(meta=meta, value_json=row["o_value"])
 
     # ------------------------------------------------------------------ commit
+    async def list(self, ref: SessionRef, prefix: str, start_after: str | None, limit: int) -> Listing:
+        self._shadows.drop(ref)  # range reads: the commit peeks at the epoch itself
+        return await super().list(ref, prefix, start_after, limit)
+
+    async def clear_epoch(self, ref: SessionRef) -> None:
+        self._shadows.drop(ref)
+        await super().clear_epoch(ref)
+
     async def commit(self, ref: SessionRef, req: CommitRequest) -> CommitOutcome:
         keys = sorted({w.key for w in req.writes} | set(req.explicit_reads))
+        # Every outcome ends the epoch, so a copy of it is used at most once.
+        shadow = self._shadows.pop(ref)
+        blind = self._blind_plan(req, shadow) if self.one_trip else None
         async with self._raw() as conn:
+            row: asyncpg.Record | None = None
+            if blind is not None:
+                row = await self._blind(conn, [*self._try_args(ref, req, blind), keys])
+                if row["o_new_seq"] is not None:
+                    return blind.outcome(int(row["o_new_seq"]))
             for _ in range(OPTIMISTIC_ATTEMPTS):
-                done = await self._commit_optimistic(conn, ref, req, keys)
+                done = await self._commit_optimistic(conn, ref, req, keys, row)
+                row = None
                 if done is not None:
                     break
             else:
@@ -234,11 +281,17 @@ class PostgresStore(SQLStore):
         return done
 
     async def _commit_optimistic(
-        self, conn: asyncpg.Connection, ref: SessionRef, req: CommitRequest, keys: list[str]
+        self,
+        conn: asyncpg.Connection,
+        ref: SessionRef,
+        req: CommitRequest,
+        keys: list[str],
+        peeked: asyncpg.Record | None = None,
     ) -> CommitOutcome | ReadSetExpired | None:
-        """Peek, decide, try; None if the try found the state changed (nothing was stored)."""
+        """Peek (unless ``peeked`` is a peek row already), decide, try; None if the try
+        found the state changed (nothing was stored)."""
         now = self.now()
-        row = await self._peek(conn, ref, keys, req.idempotency_key)
+        row = peeked if peeked is not None else await self._peek(conn, ref, keys, req.idempotency_key)
         plan = self._plan(req, keys, row, now)
         if isinstance(plan, CommitOutcome):
             return plan
@@ -256,6 +309,52 @@ class PostgresStore(SQLStore):
         row = await conn.fetchrow(PEEK_SQL, ref.tenant, ref.space, ref.subject, ref.session, keys, idem)
         assert row is not None
         return row
+
+    async def _blind(self, conn: asyncpg.Connection, args: list[Any]) -> asyncpg.Record:
+        """``o_new_seq`` if the assumption held and the commit applied, else a peek row."""
+        row = await conn.fetchrow(BLIND_SQL, *args)
+        assert row is not None
+        return row
+
+    def _blind_plan(self, req: CommitRequest, shadow: tuple[Epoch, str] | None) -> _Plan | None:
+        """A plan made before looking, if the request and the epoch's copy guard every key
+        it writes: assume each guarded head is at its guarded version. None if that cannot
+        be assumed (a write nobody guards, two guards disagreeing, range reads, an epoch
+        that core would refuse): then the commit peeks first, as before."""
+        epoch, tag = shadow if shadow is not None else (None, None)
+        now = self.now()
+        if epoch is not None:
+            if epoch.ranges:
+                return None
+            try:
+                v.check_epoch(epoch, now=now, ttl_s=self.settings.readset_ttl_s)
+            except ReadSetExpired:
+                return None
+        guards = v.build_guards(epoch, req.explicit_reads, req.writes)
+        assumed: dict[str, int] = {}
+        for g in guards.points:
+            if assumed.setdefault(g.key, g.version) != g.version:
+                return None
+        if any(w.key not in assumed for w in req.writes):
+            return None
+        heads = {
+            k: ShardMeta(key=k, version=ver, deleted=False, seq=0, updated_by="", updated_at=0.0) if ver else None
+            for k, ver in assumed.items()
+        }
+        if v.find_conflicts(guards, heads):
+            return None
+        plan = _Plan(
+            now=now,
+            seq=0,
+            space_exists=True,
+            epoch=epoch,
+            epoch_tag=tag,
+            heads=heads,
+            has_ranges=False,
+            commit_id=v.new_commit_id(),
+            versions=v.next_versions(req.writes, heads),
+        )
+        return plan
 
     async def _try(self, conn: asyncpg.Connection, args: list[Any]) -> int:
         """The new seq, 0 if the commit wrote nothing (a 409, a 410), or :data:`TRY_FAILED`."""
