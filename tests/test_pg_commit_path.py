@@ -819,3 +819,34 @@ def test_one_round_trip_answers_like_peek_and_try(pg_url: str) -> None:
     check()
     print("one-round-trip commits applied per example:", stats)
     assert sum(stats) > 10, "the one-round-trip path never applied: the comparison proves little"
+
+
+def test_migration_0007_downgrades_to_the_functions_of_0005_and_upgrades_again() -> None:
+    from alembic import command
+
+    from agentbus.migrate import alembic_config, upgrade
+
+    async def functions(url: str) -> dict[str, str]:
+        import asyncpg
+
+        conn = await asyncpg.connect(pg.dsn(url))
+        try:
+            rows = await conn.fetch(
+                "SELECT proname, pg_get_function_result(oid) AS result FROM pg_proc"
+                " WHERE proname IN ('agentbus_read', 'agentbus_record', 'agentbus_commit_blind')"
+            )
+        finally:
+            await conn.close()
+        return {r["proname"]: r["result"] for r in rows}
+
+    with fresh_pg_database("agentbus_mig") as url:
+        upgrade(url)
+        head = asyncio.run(functions(url))
+        assert set(head) == {"agentbus_read", "agentbus_record", "agentbus_commit_blind"}
+        assert "o_tag_after" in head["agentbus_read"] and head["agentbus_record"] == "record"
+        command.downgrade(alembic_config(url), "0006")
+        old = asyncio.run(functions(url))
+        assert old["agentbus_record"] == "void" and "o_tag_after" not in old["agentbus_read"]
+        assert "agentbus_commit_blind" not in old
+        upgrade(url)
+        assert asyncio.run(functions(url)) == head
