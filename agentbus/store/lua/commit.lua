@@ -42,12 +42,18 @@ if tag ~= ARGV[3] then return {'E'} end
 local a = 12
 local ok = true
 local pkeys = {}
+-- Heads fetched for the guards (false = absent), reused by the writes below.
+local metas = {}
 for i = 1, np do
   local key, ver, kind = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   a = a + 3
   pkeys[i] = key
   if ok then
-    local m = redis.call('HGET', KEYS[2], key)
+    local m = metas[key]
+    if m == nil then
+      m = redis.call('HGET', KEYS[2], key)
+      metas[key] = m
+    end
     local cur, deleted = '0', '0'
     if m then cur, deleted = string.match(m, '^(%d+)|(%d)|') end
     if kind == 'e' and ver == '0' then
@@ -123,9 +129,13 @@ local versions, parts, vparts = {}, {}, {}
 for i = 1, nw do
   local key, jkey, del, val = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   a = a + 4
-  local m = redis.call('HGET', KEYS[2], key)
-  local v = 1
-  if m then v = tonumber(string.match(m, '^(%d+)|')) + 1 end
+  local m = metas[key]
+  if m == nil then m = redis.call('HGET', KEYS[2], key) end
+  local v, was_live = 1, false
+  if m then
+    local pv, pd = string.match(m, '^(%d+)|(%d)|')
+    v, was_live = tonumber(pv) + 1, pd == '0'
+  end
   local meta = v .. '|' .. del .. '|' .. seq .. '|' .. now .. '|' .. by
   redis.call('HSET', KEYS[2], key, meta)
   if del == '1' then
@@ -134,7 +144,8 @@ for i = 1, nw do
     val = ''
   else
     redis.call('HSET', KEYS[3], key, val)
-    redis.call('ZADD', KEYS[4], 0, key)
+    -- The live set holds exactly the keys whose head is not a tombstone.
+    if not was_live then redis.call('ZADD', KEYS[4], 0, key) end
   end
   redis.call('ZADD', KEYS[5], seq, key)
   -- History entry: "<byte length of meta>|<meta><value>", so the value may contain anything.
