@@ -39,6 +39,7 @@ class Telemetry:
         self.sink: TraceSink | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._gauges_at: dict[tuple[str, str], float] = {}
+        self._flusher: asyncio.Task[None] | None = None
 
     @property
     def exporting(self) -> bool:
@@ -46,6 +47,7 @@ class Telemetry:
         return bool(getattr(self.provider.sampler, "exporting", True))
 
     async def start(self, store: Store) -> None:
+        self._flusher = asyncio.create_task(m.flush_forever())
         if not self.settings.trace_store:
             return
         from agentbus.store import open_trace_store
@@ -60,6 +62,10 @@ class Telemetry:
         for t in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self._flusher is not None:
+            self._flusher.cancel()  # flushes what is buffered as it stops
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
         if self.sink is not None:
             await self.sink.close()
         await asyncio.to_thread(self.provider.shutdown)

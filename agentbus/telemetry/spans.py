@@ -115,7 +115,7 @@ class BusSpan:
     def committed(self, req: CommitRequest, outcome: CommitOutcome) -> None:
         keys = [w.key for w in req.writes]
         size = self.tel.readsets.end_epoch(self.ref, req.explicit_reads) if self.tel is not None else 0
-        m.READSET_SIZE.observe(size)
+        m.child(m.READSET_SIZE).observe(size)
         if self.recording:
             self.set(
                 **{
