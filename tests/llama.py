@@ -39,6 +39,21 @@ def model_path() -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
+def _smoke(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """One token of inference before any test relies on it: a llama.cpp build whose CPU code
+    this machine cannot run answers /models and then dies on the first completion, which
+    the broker tests would only show as 502s."""
+    try:
+        r = httpx.post(f"{base}/completions", json={"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 1}, timeout=60)
+        r.raise_for_status()
+    except httpx.HTTPError as exc:
+        time.sleep(0.5)
+        raise RuntimeError(
+            f"llama.cpp server failed its first completion ({exc!r}; exit status {proc.poll()}). "
+            f"A build for another CPU? Rebuild it with `make model-server`. Log: {log.read_text()[-1500:]}"
+        ) from exc
+
+
 @pytest.fixture(scope="session")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL (…/v1) of a running llama.cpp server serving the model as ``gemma3-270m``."""
@@ -73,6 +88,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             time.sleep(0.5)
         else:
             raise RuntimeError("llama.cpp server did not become ready in 120 s")
+        _smoke(base, proc, log)
         yield base
     finally:
         proc.terminate()
