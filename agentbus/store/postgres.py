@@ -343,7 +343,7 @@ class PostgresStore(SQLStore):
         }
         if v.find_conflicts(guards, heads):
             return None
-        plan = _Plan(
+        return _Plan(
             now=now,
             seq=0,
             space_exists=True,
@@ -354,7 +354,6 @@ class PostgresStore(SQLStore):
             commit_id=v.new_commit_id(),
             versions=v.next_versions(req.writes, heads),
         )
-        return plan
 
     async def _try(self, conn: asyncpg.Connection, args: list[Any]) -> int:
         """The new seq, 0 if the commit wrote nothing (a 409, a 410), or :data:`TRY_FAILED`."""

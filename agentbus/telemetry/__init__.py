@@ -47,7 +47,8 @@ class Telemetry:
         return bool(getattr(self.provider.sampler, "exporting", True))
 
     async def start(self, store: Store) -> None:
-        self._flusher = asyncio.create_task(m.flush_forever())
+        if m.multiprocess():  # only then does child() buffer anything
+            self._flusher = asyncio.create_task(m.flush_forever())
         if not self.settings.trace_store:
             return
         from agentbus.store import open_trace_store

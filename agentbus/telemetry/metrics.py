@@ -147,6 +147,11 @@ async def flush_forever(every_s: float = FLUSH_S) -> None:
         flush()
 
 
+def multiprocess() -> bool:
+    """Whether this process writes its samples to the shared PROMETHEUS_MULTIPROC_DIR."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
 @functools.lru_cache(maxsize=4096)
 def child(metric: Any, *labels: str) -> Any:
     """``metric.labels(*labels)``, looked up once per label set: ``labels()`` validates and
@@ -154,7 +159,7 @@ def child(metric: Any, *labels: str) -> Any:
     label values (route templates, operations, outcomes, conflict kinds). In multiprocess
     mode, buffered (see the module's docstring)."""
     real = metric.labels(*labels) if labels else metric
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if not multiprocess():
         return real
     if isinstance(metric, Counter):
         return _BufferedCounter(real)
@@ -166,7 +171,7 @@ def child(metric: Any, *labels: str) -> Any:
 def render() -> bytes:
     """The exposition text: this process's registry, or all workers' in multiprocess mode."""
     flush()
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if multiprocess():
         registry = CollectorRegistry()
         _mp.MultiProcessCollector(registry)
         return generate_latest(registry)
