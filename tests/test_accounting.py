@@ -72,6 +72,21 @@ def run(body: Any) -> Any:
     return asyncio.run(body())
 
 
+def accountant(backend: Backend) -> acc.Accountant:
+    return acc.Accountant(lambda: backend)  # type: ignore[arg-type, return-value]
+
+
+async def writing_entry_0(backend: Backend) -> acc.Accountant:
+    """A started accountant whose writer has taken entry 0 and waits at the backend's gate
+    (needs ``LINGER_S = 0``, so the writer takes it at once)."""
+    a = accountant(backend)
+    backend.gate = asyncio.Event()
+    a.start()
+    a.record(rec(0))
+    await asyncio.sleep(0.01)
+    return a
+
+
 CHARGE = ({"t:t": Limits()}, Amount(3, 0.5))
 
 
@@ -79,7 +94,7 @@ def test_a_burst_shares_its_writes_and_keeps_its_order() -> None:
     backend = Backend()
 
     async def body() -> None:
-        a = acc.Accountant(lambda: backend)  # type: ignore[arg-type, return-value]
+        a = accountant(backend)
         a.start()
         backend.gate = asyncio.Event()
         for i in range(100):
@@ -103,7 +118,7 @@ def test_a_trickle_shares_one_write_and_drain_does_not_wait_out_the_linger(monke
     backend = Backend()
 
     async def body() -> None:
-        a = acc.Accountant(lambda: backend)  # type: ignore[arg-type, return-value]
+        a = accountant(backend)
         a.start()
         for i in range(5):
             a.record(rec(i))
@@ -122,7 +137,7 @@ def test_a_full_batch_is_written_without_lingering(monkeypatch: pytest.MonkeyPat
     backend = Backend()
 
     async def body() -> None:
-        a = acc.Accountant(lambda: backend)  # type: ignore[arg-type, return-value]
+        a = accountant(backend)
         a.start()
         for i in range(4):
             a.record(rec(i))
@@ -141,7 +156,7 @@ def test_non_atomic_backend_gets_one_entry_per_call() -> None:
     backend = Backend(atomic=False)
 
     async def body() -> None:
-        a = acc.Accountant(lambda: backend)  # type: ignore[arg-type, return-value]
+        a = accountant(backend)
         for i in range(5):
             a.record(rec(i))
             a.charge(*CHARGE, 1000.0)
@@ -158,7 +173,7 @@ def test_outage_is_retried_and_drain_waits_for_it(monkeypatch: pytest.MonkeyPatc
     backend.outages = 4
 
     async def body() -> None:
-        a = acc.Accountant(lambda: backend)  # type: ignore[arg-type, return-value]
+        a = accountant(backend)
         for i in range(10):
             a.record(rec(i))
         assert await a.drain(5)
@@ -175,7 +190,7 @@ def test_drain_gives_up_after_its_timeout_and_close_keeps_trying(monkeypatch: py
     backend.outages = 10**9
 
     async def body() -> None:
-        a = acc.Accountant(lambda: backend)  # type: ignore[arg-type, return-value]
+        a = accountant(backend)
         a.record(rec(1))
         assert not await a.drain(0.2)
         assert a.queued == 1
@@ -191,7 +206,7 @@ def test_a_refused_entry_is_dropped_alone() -> None:
     backend.poison = {3}
 
     async def body() -> None:
-        a = acc.Accountant(lambda: backend)  # type: ignore[arg-type, return-value]
+        a = accountant(backend)
         backend.gate = asyncio.Event()
         for i in range(8):
             a.record(rec(i))
@@ -217,11 +232,7 @@ def test_a_full_queue_drops_the_oldest(monkeypatch: pytest.MonkeyPatch) -> None:
     backend = Backend()
 
     async def body() -> None:
-        a = acc.Accountant(lambda: backend)  # type: ignore[arg-type, return-value]
-        backend.gate = asyncio.Event()
-        a.start()
-        a.record(rec(0))
-        await asyncio.sleep(0.01)  # the writer took entry 0 and waits at the gate
+        a = await writing_entry_0(backend)
         for i in range(1, 9):
             a.record(rec(i))
         backend.gate.set()
@@ -240,11 +251,7 @@ def test_drain_waits_for_the_batch_in_flight_even_when_the_queue_overflowed(monk
     backend = Backend()
 
     async def body() -> None:
-        a = acc.Accountant(lambda: backend)  # type: ignore[arg-type, return-value]
-        backend.gate = asyncio.Event()
-        a.start()
-        a.record(rec(0))
-        await asyncio.sleep(0.01)  # the writer took entry 0 and waits at the gate
+        a = await writing_entry_0(backend)
         for i in (1, 2, 3):
             a.record(rec(i))
         reader = asyncio.ensure_future(a.drain(5))
@@ -267,7 +274,7 @@ def test_close_writes_what_is_queued() -> None:
     backend = Backend()
 
     async def body() -> None:
-        a = acc.Accountant(lambda: backend)  # type: ignore[arg-type, return-value]
+        a = accountant(backend)
         for i in range(7):
             a.record(rec(i))
         await a.close()
@@ -280,7 +287,7 @@ def test_an_entry_after_close_is_reported_not_left_behind() -> None:
     backend = Backend()
 
     async def body() -> None:
-        a = acc.Accountant(lambda: backend)  # type: ignore[arg-type, return-value]
+        a = accountant(backend)
         a.record(rec(1))
         await a.close()
         a.record(rec(2))  # e.g. a stream that finished past shutdown
