@@ -18,11 +18,14 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import asyncpg.exceptions as asyncpg_errors
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agentbus.core import validation as v
-from agentbus.core.errors import ReadSetExpired
+from agentbus.core.errors import BackendUnavailable, ReadSetExpired
 from agentbus.core.model import SessionRef, WriteOp
 from agentbus.settings import Settings
 from agentbus.store import postgres as pg
@@ -722,9 +725,6 @@ def test_one_round_trip_answers_like_peek_and_try(pg_url: str) -> None:
     """Random reads (through two processes), listings, clears and foreign writes for one
     session, then a commit with random guards: the same answer, epoch and heads with the
     one-round-trip path as without it."""
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-
     keys = ["a", "b", "c", "l/1"]
     read = st.tuples(st.just("read"), st.integers(0, 1), st.sampled_from([*keys, "n"]))
     op = st.one_of(
@@ -850,3 +850,206 @@ def test_migration_0007_downgrades_to_the_functions_of_0005_and_upgrades_again()
         assert "agentbus_commit_blind" not in old
         upgrade(url)
         assert asyncio.run(functions(url)) == head
+
+
+# ---------------------------------------------------------------------------- batches (0008)
+
+
+def _blind_args(store: PostgresStore, who: SessionRef, r: CommitRequest) -> list[Any]:
+    """What ``commit`` submits for a one-trip commit (the session's copy is used up)."""
+    plan = store._blind_plan(r, store._shadows.pop(who))
+    assert plan is not None
+    keys = sorted({w.key for w in r.writes} | set(r.explicit_reads))
+    return [*store._try_args(who, r, plan), keys]
+
+
+def test_commits_that_queue_for_a_busy_space_go_out_as_one_batch(run: Callable[..., Any], tenant: str) -> None:
+    """64 agents on two processes, each writing its own key: what waits for a busy space is
+    sent in batches, and every commit still gets its own seq, versions and log entry."""
+    agents, rounds = 64, 4
+
+    async def body(a: PostgresStore, b: PostgresStore) -> None:
+        results: list[tuple[int, CommitOutcome]] = []
+
+        async def agent(i: int) -> None:
+            store = (a, b)[i % 2]
+            who = SessionRef(tenant, "busy", f"agent{i}")
+            for n in range(rounds):
+                out = await ok(store, who, put(f"k{i}", n, expected=n))
+                results.append((i, out))
+
+        await asyncio.gather(*(agent(i) for i in range(agents)))
+        assert a.space_calls.batches + b.space_calls.batches > 0, "no batch formed: the test proves nothing"
+        assert a.space_calls.batched + b.space_calls.batched >= agents
+        seqs = sorted(o.result.seq for _, o in results if o.result)
+        assert seqs == list(range(1, agents * rounds + 1))
+        by_seq = {c.seq: c for c in await a.log(tenant, "busy", 0, 100_000)}
+        assert sorted(by_seq) == seqs
+        for i, o in results:
+            assert o.result is not None
+            rec = by_seq[o.result.seq]
+            assert rec.commit_id == o.result.commit_id and rec.subject == f"agent{i}"
+            assert rec.writes == [{"key": f"k{i}", "version": o.result.versions[f"k{i}"], "deleted": False}]
+        for i in range(agents):
+            history = await a.history(tenant, "busy", f"k{i}", None, 10)
+            assert [(h.version, json.loads(h.value_json or "null")) for h in history] == [
+                (n + 1, n) for n in reversed(range(rounds))
+            ]
+
+    run(body, one_trip=True, pool_size=4)
+
+
+def test_a_batch_that_fails_in_postgresql_leaves_nothing_and_each_call_tries_alone(
+    run: Callable[..., Any], tenant: str
+) -> None:
+    """One call of a batch breaks a constraint: the batch's transaction rolls back (the
+    earlier calls in it included), then each call runs alone, so only that one fails."""
+
+    async def body(a: PostgresStore) -> None:
+        a.space_calls.slots = 1
+        calls = [_blind_args(a, SessionRef(tenant, "sp", f"s{i}"), req(put(f"k{i}", i, expected=0))) for i in range(4)]
+        calls[2][12] = [None]  # no version for its write: NOT NULL violation in the apply
+        got = await asyncio.gather(*(a.space_calls.submit((tenant, "sp"), c) for c in calls), return_exceptions=True)
+        assert (a.space_calls.batches, a.space_calls.batched) == (1, 3)
+        assert isinstance(got[2], asyncpg_errors.NotNullViolationError), got
+        assert [got[i]["o_new_seq"] for i in (0, 1, 3)] == [1, 2, 3]  # type: ignore[index]
+        log = await a.log(tenant, "sp", 0, 100)
+        assert [(c.seq, c.writes[0]["key"]) for c in log] == [(1, "k0"), (2, "k1"), (3, "k3")]
+
+    run(body, n=1, one_trip=True)
+
+
+def test_a_batch_whose_connection_breaks_answers_503_to_every_call_in_it(run: Callable[..., Any], tenant: str) -> None:
+    async def body(a: PostgresStore) -> None:
+        a.space_calls.slots = 1
+
+        async def broken(conn: Any, calls: list[list[Any]]) -> list[Any]:
+            raise ConnectionResetError("connection reset by peer")
+
+        a._blind_many = broken  # type: ignore[method-assign]
+        rs = [req(put(f"k{i}", i, expected=0)) for i in range(4)]
+        got = await asyncio.gather(
+            *(a.commit(SessionRef(tenant, "sp", f"s{i}"), r) for i, r in enumerate(rs)), return_exceptions=True
+        )
+        assert isinstance(got[0], CommitOutcome) and got[0].result is not None
+        assert all(isinstance(g, BackendUnavailable) for g in got[1:]), got
+        assert await seqs_of(a, tenant, "sp") == [1]
+
+    run(body, n=1, one_trip=True)
+
+
+def test_a_batch_answers_like_its_calls_one_after_the_other(pg_url: str) -> None:
+    """Random one-trip commits (stale and fresh guards, delivery-log reads, deletes,
+    repeated Idempotency-Keys, sessions committing twice, tries after a peek) as one batch
+    (built without the bus's filter, so calls do fail because of earlier ones), and the same
+    calls one at a time on another tenant in the order the batch ran them (its stale calls
+    first): the same rows back and the same state after."""
+    key = st.sampled_from(["a", "b", "c"])
+    call = st.tuples(
+        st.sampled_from(["s1", "s2", "s3"]),
+        st.lists(key, max_size=2, unique=True),  # read first through the delivery log
+        st.lists(st.tuples(key, st.integers(0, 3), st.booleans()), min_size=1, max_size=2, unique_by=lambda w: w[0]),
+        st.sampled_from([None, None, "i1", "i2"]),
+    )
+
+    async def run_calls(
+        store: PostgresStore, tenant: str, batch: list[Any], together: bool, order: list[int] | None = None
+    ) -> Any:
+        """The calls as one batch, or one at a time in ``order`` (default: as given); the
+        order they ran in, their rows in that order, and the state after."""
+        args = []
+        for n, (session, reads, writes, idem) in enumerate(batch):
+            who = SessionRef(tenant, "sp", session)
+            for k in reads:
+                await store.read(who, k)
+            rd = set(reads)
+            ws = [WriteOp(k, json.dumps([n, k]), delete, None if k in rd else ver) for k, ver, delete in writes]
+            r = req(*ws, idem=idem)
+            blind = store._blind_plan(r, store._shadows.pop(who))
+            keys = sorted({w.key for w in r.writes} | set(r.explicit_reads))
+            if blind is not None:
+                args.append([*store._try_args(who, r, blind), keys])
+                continue
+            # Not every write guarded (the session's copy went to its earlier commit): a
+            # try, planned on a peek taken before the batch, so earlier calls may fail it.
+            async with store._raw() as conn:
+                row = await store._peek(conn, who, keys, idem)
+            plan = store._plan(r, keys, row, store.now())
+            if not isinstance(plan, CommitOutcome):
+                args.append([*store._try_args(who, r, plan), None])
+        if together:
+            async with store._raw() as conn:
+                rows = list(await store._blind_many(conn, args))  # in the order they ran
+            order = [r["o_i"] for r in rows]
+            assert sorted(order) == list(range(len(args)))
+        else:
+            order = order if order is not None else list(range(len(args)))
+            rows = [await store._call_alone(args[i]) for i in order]
+        seen = []
+        for row in rows:
+            # A try alone answers its seq only; in a batch the peek's columns are NULL.
+            d = {k: val for k, val in dict(row).items() if k != "o_i" and val is not None}
+            if "o_epoch_tag" in d:
+                d["o_epoch_tag"] = "a tag"  # xmin: differs between the two tenants
+            if "o_idem" in d:
+                fp, status, body, created = orjson.loads(d["o_idem"])
+                d["o_idem"] = (fp, status, {k: val for k, val in json.loads(body).items() if k != "commit_id"}, created)
+            seen.append(d)
+            if together:
+                kind = "try" if "o_seq" not in d and d["o_new_seq"] in (-1, 0) else None
+                kind = kind or ("applied" if d.get("o_new_seq", 0) > 0 else "peeked" if "o_seq" in d else "stored")
+                exercised[kind] = exercised.get(kind, 0) + 1
+        state = (
+            [(c.seq, c.writes, c.subject, c.session) for c in await store.log(tenant, "sp", 0, 1000)],
+            [
+                [(h.version, h.value_json, h.deleted, h.seq) for h in await store.history(tenant, "sp", k, None, 100)]
+                for k in "abc"
+            ],
+            [await store.get_epoch(SessionRef(tenant, "sp", s)) for s in ("s1", "s2", "s3")],
+        )
+        return order, seen, state
+
+    async def main(setup: list[Any], batch: list[Any]) -> None:
+        store = PostgresStore(Settings(store=pg_url), pg_url)
+        store.now = lambda: 1_000_000.0  # type: ignore[method-assign]
+        await store.start()
+        try:
+            t1, t2 = (f"t{uuid.uuid4().hex[:10]}" for _ in range(2))
+            for t in (t1, t2):
+                await run_calls(store, t, setup, together=False)
+            order, *got = await run_calls(store, t1, batch, together=True)
+            _, *want = await run_calls(store, t2, batch, together=False, order=order)
+            assert got == want
+        finally:
+            await store.close()
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(call, max_size=4), st.lists(call, min_size=2, max_size=8))
+    def check(setup: list[Any], batch: list[Any]) -> None:
+        asyncio.run(main(setup, batch))
+
+    exercised: dict[str, int] = {}
+    check()
+    # Batches held commits applied, stale assumptions answered with a peek, and tries.
+    assert {"applied", "peeked", "try"} <= exercised.keys(), exercised
+
+
+def test_a_batch_keeps_out_calls_an_earlier_call_of_it_would_fail() -> None:
+    """The bus's filter: same session, a key written earlier in the batch that the call
+    looked at, or range reads after any write wait for the next batch."""
+
+    def call(session: str, seen: list[str], writes: list[str], seen_seq: int | None = None) -> list[Any]:
+        args: list[Any] = [None] * 22
+        args[2], args[3], args[5], args[8], args[11] = "alice", session, seen, seen_seq, writes
+        return args
+
+    fits = pg._independent()
+    assert fits(call("s1", ["a", "b"], ["a"]))
+    assert not fits(call("s1", ["c"], ["c"]))  # the same session: its epoch may change
+    assert not fits(call("s2", ["a"], ["a"]))  # looked at a, which the first call writes
+    assert fits(call("s3", ["c"], ["c"]))
+    assert fits(call("s4", ["b"], ["b"]))  # b was only looked at before: it runs after that
+    assert not fits(call("s5", ["b"], []))  # ... but now b is written
+    assert not fits(call("s6", [], [], seen_seq=3))  # range reads after writes
+    fits = pg._independent()
+    assert fits(call("s6", [], [], seen_seq=3))  # first in its batch
