@@ -821,7 +821,7 @@ def test_one_round_trip_answers_like_peek_and_try(pg_url: str) -> None:
     assert sum(stats) > 10, "the one-round-trip path never applied: the comparison proves little"
 
 
-def test_migration_0007_downgrades_to_the_functions_of_0005_and_upgrades_again() -> None:
+def test_migrations_0007_0008_downgrade_to_the_functions_of_0005_and_upgrade_again() -> None:
     from alembic import command
 
     from agentbus.migrate import alembic_config, upgrade
@@ -833,7 +833,9 @@ def test_migration_0007_downgrades_to_the_functions_of_0005_and_upgrades_again()
         try:
             rows = await conn.fetch(
                 "SELECT proname, pg_get_function_result(oid) AS result FROM pg_proc"
-                " WHERE proname IN ('agentbus_read', 'agentbus_record', 'agentbus_commit_blind')"
+                " WHERE proname IN ('agentbus_read', 'agentbus_record', 'agentbus_commit_blind',"
+                " 'agentbus_commit_blind_many')"
+                " UNION ALL SELECT typname, 'type' FROM pg_type WHERE typname = 'agentbus_blind_call'"
             )
         finally:
             await conn.close()
@@ -842,12 +844,18 @@ def test_migration_0007_downgrades_to_the_functions_of_0005_and_upgrades_again()
     with fresh_pg_database("agentbus_mig") as url:
         upgrade(url)
         head = asyncio.run(functions(url))
-        assert set(head) == {"agentbus_read", "agentbus_record", "agentbus_commit_blind"}
+        assert set(head) == {
+            "agentbus_read",
+            "agentbus_record",
+            "agentbus_commit_blind",
+            "agentbus_commit_blind_many",
+            "agentbus_blind_call",
+        }
         assert "o_tag_after" in head["agentbus_read"] and head["agentbus_record"] == "record"
         command.downgrade(alembic_config(url), "0006")
         old = asyncio.run(functions(url))
         assert old["agentbus_record"] == "void" and "o_tag_after" not in old["agentbus_read"]
-        assert "agentbus_commit_blind" not in old
+        assert not {"agentbus_commit_blind", "agentbus_commit_blind_many", "agentbus_blind_call"} & set(old)
         upgrade(url)
         assert asyncio.run(functions(url)) == head
 
