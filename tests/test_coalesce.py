@@ -258,38 +258,3 @@ def test_every_call_gets_its_own_result_exactly_once(
         await settle(c)
 
     asyncio.run(main())
-
-
-def test_calls_that_do_not_fit_wait_for_the_next_batch_first_in_line() -> None:
-    """``fits`` sees the calls in order; one it refuses goes, still in order, into the next
-    batch, which it leads."""
-
-    def one_per_letter() -> Callable[[tuple[str, Any]], bool]:
-        seen: set[str] = set()
-
-        def fits(arg: tuple[str, Any]) -> bool:
-            letter = arg[1][0]
-            if letter in seen:
-                return False
-            seen.add(letter)
-            return True
-
-        return fits
-
-    async def main() -> None:
-        space = Space()
-        space.gate = asyncio.Event()
-        c = Coalescer(space.one, space.many, alone=lambda exc: True, fits=one_per_letter, slots=1)
-        names = ["x0", "a1", "b1", "a2", "c1", "a3", "b2"]
-        tasks = [asyncio.create_task(c.submit("l", ("l", n))) for n in names]
-        await asyncio.sleep(0.01)
-        space.gate.set()
-        got = await asyncio.gather(*tasks)
-        assert [[a[1] for a in b] for b in space.manys] == [["a1", "b1", "c1"], ["a2", "b2"]]
-        assert space.ones == [("l", "x0"), ("l", "a3")]
-        # Each got the seq of its own application.
-        seq_of = {a[1]: n for n, a in enumerate(space.applied, start=1)}
-        assert got == [seq_of[n] for n in names]
-        await settle(c)
-
-    asyncio.run(main())

@@ -13,11 +13,6 @@ A lone call is never delayed: with a free slot it runs at once, as the single ca
 before. Batches form only under load, and only from calls that would otherwise have waited
 for the same lock.
 
-``fits``, if given, is called once per batch and returns a predicate that sees the calls
-in the order they are offered and says whether each may join (the first always does); a
-call that may not stays first in line for the next batch. With it a caller keeps out of a
-batch the calls that an earlier call of the same batch would make fail.
-
 What a batch means is the business of ``many``: it must return one result per argument, in
 order, as if the calls had run one after the other; if it fails, nothing of it may have
 taken effect. Then each waiter either gets that exception (``alone(exc)`` false: e.g. the
@@ -55,7 +50,6 @@ class Coalescer(Generic[A, R]):
         many: Callable[[list[A]], Awaitable[list[R]]],
         *,
         alone: Callable[[BaseException], bool],
-        fits: Callable[[], Callable[[A], bool]] | None = None,
         slots: int = 1,
         max_batch: int = 64,
     ) -> None:
@@ -64,7 +58,6 @@ class Coalescer(Generic[A, R]):
         self._one = one
         self._many = many
         self._alone = alone
-        self._fits = fits
         self.slots = slots
         self.max_batch = max_batch
         self._lanes: dict[Hashable, _Lane[A]] = {}
@@ -125,20 +118,12 @@ class Coalescer(Generic[A, R]):
                 del self._lanes[lane_key]
 
     def _take(self, lane: _Lane[A]) -> list[tuple[A, asyncio.Future[object]]]:
-        """The next batch: what waits, oldest first, skipping (for the next batch) what does
-        not fit with the calls taken before it. The oldest always fits, so all progress."""
-        fits = self._fits() if self._fits is not None else None
+        """The next batch: what waits, oldest first."""
         batch: list[tuple[A, asyncio.Future[object]]] = []
-        later: deque[tuple[A, asyncio.Future[object]]] = deque()
         while lane.waiting and len(batch) < self.max_batch:
             item = lane.waiting.popleft()
-            if item[1].done():  # its request was cancelled while waiting
-                continue
-            if fits is None or fits(item[0]) or not batch:
+            if not item[1].done():  # its request was cancelled while waiting
                 batch.append(item)
-            else:
-                later.append(item)
-        lane.waiting.extendleft(reversed(later))
         return batch
 
     async def _send(self, batch: list[tuple[A, asyncio.Future[object]]]) -> None:

@@ -54,7 +54,7 @@ of :class:`~agentbus.store.sql.SQLStore`.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -180,7 +180,6 @@ class PostgresStore(SQLStore):
             self._call_alone,
             self._call_batch,
             alone=_run_alone,
-            fits=_independent,
             slots=SPACE_SLOTS,
             max_batch=SPACE_BATCH,
         )
@@ -416,6 +415,11 @@ class PostgresStore(SQLStore):
         if plan.expired is not None:
             # The 410 depends on the epoch alone, and stores nothing but its end.
             seen_keys, seen_versions, seen_seq, idem = [], [], None, None
+        elif plan.conflicts:
+            # A 409 holds at the peek's snapshot, a committed state: it stays the answer
+            # whatever commits since (as when there is nothing to store). Only the epoch it
+            # ends and the idempotency slot it fills must still be as seen.
+            seen_keys, seen_versions, seen_seq, idem = [], [], None, req.idempotency_key
         else:
             seen_keys = list(plan.heads)
             seen_versions = [v.current_version(m) for m in plan.heads.values()]
@@ -548,27 +552,6 @@ def _meta(h: list[Any]) -> ShardMeta:
     return ShardMeta(
         key=key, version=int(version), deleted=bool(deleted), seq=int(seq), updated_by=updated_by, updated_at=updated_at
     )
-
-
-def _independent() -> Callable[[list[Any]], bool]:
-    """For one batch: whether a call can join it without an earlier call of the batch making
-    it fail. A call fails if a head it looked at changed, its session's epoch changed, or
-    (range reads) anything was written; so it waits for the next batch if an earlier call
-    writes a key it looked at, belongs to the same session, or if it has range reads and an
-    earlier call writes. Correctness never depends on this (every call is checked in the
-    database); under contention it keeps calls that would fail out of the locked part."""
-    written: set[str] = set()
-    sessions: set[tuple[str, str]] = set()
-
-    def fits(args: list[Any]) -> bool:
-        session, seen_keys, seen_seq, keys = (args[2], args[3]), args[5], args[8], args[11]
-        if session in sessions or (seen_seq is not None and written) or not written.isdisjoint(seen_keys):
-            return False
-        sessions.add(session)
-        written.update(keys)
-        return True
-
-    return fits
 
 
 def _run_alone(exc: BaseException) -> bool:

@@ -22,10 +22,9 @@ Each statement takes a fresh snapshot, so a call sees the calls before it exactl
 they had committed just before it: the rows, returned in the order the calls ran, are those
 of running the same calls one after the other in that order, and the whole batch becomes
 visible and durable at once. The bus process sends a batch only for the calls that queued
-up while its earlier calls for the space were running, and keeps a call out of a batch in
-which an earlier call writes what it guards (it goes in the next one), so a call rarely
-fails because of its own batch. The arguments travel as an array of the composite type
-``agentbus_blind_call`` (asyncpg encodes it in binary: nothing is parsed on either side).
+up while its earlier calls for the space were running. The arguments travel as an array of
+the composite type ``agentbus_blind_call`` (asyncpg encodes it in binary: nothing is parsed
+on either side).
 
 SQLite has no server functions; there this migration does nothing.
 """
