@@ -13,11 +13,12 @@ A lone call is never delayed: with a free slot it runs at once, as the single ca
 before. Batches form only under load, and only from calls that would otherwise have waited
 for the same lock.
 
-What a batch means is the business of ``many``: it must return one result per argument, in
-order, as if the calls had run one after the other; if it fails, nothing of it may have
-taken effect. Then each waiter either gets that exception (``alone(exc)`` false: e.g. the
-connection is gone, every call would fail the same way) or runs its call alone (``alone``
-true: e.g. one call in the batch hit an error, which must not fail the others).
+What a batch means is the business of ``many``: it must return one result per argument,
+in the arguments' order, as if the calls had run one after the other (in an order of its
+choosing); if it fails, nothing of it may have taken effect. Then each waiter either gets
+that exception (``alone(exc)`` false: e.g. the connection is gone, every call would fail
+the same way) or runs its call alone (``alone`` true: e.g. one call in the batch hit an
+error, which must not fail the others).
 """
 
 from __future__ import annotations
