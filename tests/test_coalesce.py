@@ -73,6 +73,20 @@ def coalescer(space: Space, *, alone: bool = True, **kw: Any) -> Coalescer[tuple
     return Coalescer(space.one, space.many, alone=lambda exc: alone, **kw)
 
 
+def gated(**kw: Any) -> tuple[Space, Coalescer[tuple[str, Any], int]]:
+    """A space whose calls wait at its gate until the test opens it, and a coalescer on it."""
+    space = Space()
+    space.gate = asyncio.Event()
+    return space, coalescer(space, **kw)
+
+
+async def submitted(c: Coalescer[tuple[str, Any], int], lane: str, values: Any) -> list[asyncio.Task[int]]:
+    """One call per value, submitted in order; returns once each has started or queued."""
+    tasks = [asyncio.create_task(c.submit(lane, (lane, v))) for v in values]
+    await asyncio.sleep(0.01)
+    return tasks
+
+
 async def settle(c: Coalescer[Any, Any]) -> None:
     """Waits for the drains (one may still run the call of a waiter cancelled after its
     batch was taken), then checks nothing is left behind."""
@@ -97,11 +111,8 @@ def test_a_lone_call_runs_at_once_as_a_single_call() -> None:
 
 def test_calls_that_arrive_while_the_slots_are_busy_go_out_together_in_arrival_order() -> None:
     async def main() -> None:
-        space = Space()
-        space.gate = asyncio.Event()
-        c = coalescer(space, slots=2)
-        tasks = [asyncio.create_task(c.submit("a", ("a", i))) for i in range(7)]
-        await asyncio.sleep(0.01)
+        space, c = gated(slots=2)
+        tasks = await submitted(c, "a", range(7))
         assert space.ones == [("a", 0), ("a", 1)] and space.manys == []
         space.gate.set()
         got = await asyncio.gather(*tasks)
@@ -117,11 +128,8 @@ def test_calls_that_arrive_while_the_slots_are_busy_go_out_together_in_arrival_o
 
 def test_a_batch_carries_at_most_max_batch_calls() -> None:
     async def main() -> None:
-        space = Space()
-        space.gate = asyncio.Event()
-        c = coalescer(space, slots=1, max_batch=4)
-        tasks = [asyncio.create_task(c.submit("a", ("a", i))) for i in range(10)]
-        await asyncio.sleep(0.01)
+        space, c = gated(slots=1, max_batch=4)
+        tasks = await submitted(c, "a", range(10))
         space.gate.set()
         assert await asyncio.gather(*tasks) == list(range(1, 11))
         assert [len(b) for b in space.manys] == [4, 4]
@@ -133,13 +141,9 @@ def test_a_batch_carries_at_most_max_batch_calls() -> None:
 
 def test_lanes_do_not_wait_for_each_other() -> None:
     async def main() -> None:
-        space = Space()
-        space.gate = asyncio.Event()
-        c = coalescer(space, slots=1)
-        held = asyncio.create_task(c.submit("a", ("a", 1)))
-        await asyncio.sleep(0.01)
-        other = asyncio.create_task(c.submit("b", ("b", 1)))
-        await asyncio.sleep(0.01)
+        space, c = gated(slots=1)
+        [held] = await submitted(c, "a", [1])
+        [other] = await submitted(c, "b", [1])
         assert ("b", 1) in space.ones  # went out at once, although lane a is busy
         space.gate.set()
         await asyncio.gather(held, other)
@@ -151,13 +155,8 @@ def test_lanes_do_not_wait_for_each_other() -> None:
 @pytest.mark.parametrize("alone", [True, False])
 def test_a_failed_batch_is_retried_call_by_call_or_fails_every_waiter(alone: bool) -> None:
     async def main() -> None:
-        space = Space()
-        space.gate = asyncio.Event()
-        c = coalescer(space, slots=1, alone=alone)
-        first = asyncio.create_task(c.submit("a", ("a", "first")))
-        await asyncio.sleep(0.01)
-        waiting = [asyncio.create_task(c.submit("a", ("a", x))) for x in ("x", "bad", "y")]
-        await asyncio.sleep(0.01)
+        space, c = gated(slots=1, alone=alone)
+        first, *waiting = await submitted(c, "a", ["first", "x", "bad", "y"])
         space.gate.set()
         got = await asyncio.gather(first, *waiting, return_exceptions=True)
         assert got[0] == 1
@@ -176,13 +175,8 @@ def test_a_failed_batch_is_retried_call_by_call_or_fails_every_waiter(alone: boo
 
 def test_a_waiter_cancelled_before_its_batch_leaves_the_batch() -> None:
     async def main() -> None:
-        space = Space()
-        space.gate = asyncio.Event()
-        c = coalescer(space, slots=1)
-        first = asyncio.create_task(c.submit("a", ("a", 0)))
-        await asyncio.sleep(0.01)
-        waiting = [asyncio.create_task(c.submit("a", ("a", i))) for i in (1, 2, 3)]
-        await asyncio.sleep(0.01)
+        space, c = gated(slots=1)
+        first, *waiting = await submitted(c, "a", [0, 1, 2, 3])
         waiting[1].cancel()
         space.gate.set()
         got = await asyncio.gather(first, *waiting, return_exceptions=True)
@@ -195,13 +189,8 @@ def test_a_waiter_cancelled_before_its_batch_leaves_the_batch() -> None:
 
 def test_a_cancelled_single_call_still_hands_its_slot_on() -> None:
     async def main() -> None:
-        space = Space()
-        space.gate = asyncio.Event()
-        c = coalescer(space, slots=1)
-        first = asyncio.create_task(c.submit("a", ("a", 0)))
-        await asyncio.sleep(0.01)
-        later = [asyncio.create_task(c.submit("a", ("a", i))) for i in (1, 2)]
-        await asyncio.sleep(0.01)
+        space, c = gated(slots=1)
+        first, *later = await submitted(c, "a", [0, 1, 2])
         first.cancel()
         await asyncio.sleep(0.01)
         space.gate.set()
