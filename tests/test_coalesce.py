@@ -247,3 +247,40 @@ def test_every_call_gets_its_own_result_exactly_once(
         await settle(c)
 
     asyncio.run(main())
+
+
+def test_a_drain_cancelled_mid_batch_never_sends_that_batch_again() -> None:
+    """The batch in flight may have taken effect: its callers are cancelled, not retried
+    alone; the calls still waiting run alone."""
+
+    async def main() -> None:
+        first_may_finish = asyncio.Event()
+        ones: list[int] = []
+        manys: list[list[int]] = []
+
+        async def one(arg: int) -> int:
+            ones.append(arg)
+            if arg == 0:
+                await first_may_finish.wait()
+            return arg
+
+        async def many(args: list[int]) -> list[int]:
+            manys.append(args)
+            await asyncio.Event().wait()  # never answers
+            raise AssertionError("unreachable")
+
+        c: Coalescer[int, int] = Coalescer(one, many, alone=lambda exc: True, slots=1, max_batch=2)
+        tasks = [asyncio.create_task(c.submit("a", n)) for n in range(4)]
+        await asyncio.sleep(0.01)
+        first_may_finish.set()
+        assert await tasks[0] == 0
+        await asyncio.sleep(0.01)
+        assert manys == [[1, 2]]
+        [drain] = c._drains
+        drain.cancel()
+        got = await asyncio.gather(*tasks[1:], return_exceptions=True)
+        assert isinstance(got[0], asyncio.CancelledError) and isinstance(got[1], asyncio.CancelledError)
+        assert got[2] == 3 and ones == [0, 3]  # 3 had not been sent: it ran alone
+        await settle(c)
+
+    asyncio.run(main())

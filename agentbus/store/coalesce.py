@@ -107,8 +107,12 @@ class Coalescer(Generic[A, R]):
                     return
                 await self._send(batch)
         except BaseException:
-            # Cancelled (the loop is closing): nobody may be left waiting for a slot.
-            for _, fut in [*batch, *lane.waiting]:
+            # Cancelled (the loop is closing). The batch in flight may or may not have taken
+            # effect: its callers are cancelled too, never sent again. Nobody may be left
+            # waiting for a slot: what had not been sent runs alone.
+            for _, fut in batch:
+                fut.cancel()
+            for _, fut in lane.waiting:
                 if not fut.done():
                     fut.set_result(_ALONE)
             lane.waiting.clear()
